@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv if missing and install the project into it (again only when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FLG := $(VENV)/bin/flg
+STAMP := $(VENV)/.flgcore-installed
+DEMO := runs/demo
+MODEL ?= synth-tiny
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all install clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: on the dev machines 2.13.0 is a CPU build on local disk
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	@echo "== the teacher's blocks"
+	$(FLG) blocks --model $(MODEL)
+	@echo "== prune 5 middle blocks, save, reload"
+	$(FLG) prune --model $(MODEL) --drop 6,7,8,9,10 --out $(DEMO)/pruned
+	$(FLG) blocks --model $(DEMO)/pruned
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,233 @@
+"""Loading diffusers video transformers and calling them the same way across families.
+
+The families differ in two places only, both kept here in small tables: where the DiT blocks live
+(`FAMILIES`, used by `surgery`) and how a forward is called (`velocity`: Wan T2V, Wan I2V with the
+mask and the condition latents concatenated on channels, HunyuanVideo with its attention mask,
+pooled text and embedded guidance). Everything else in flgcore is family-agnostic.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import diffusers
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN = {"synth-tiny": ASSETS / "synth-tiny"}
+
+
+class FlgError(ValueError):
+    """A user-facing error: the CLI prints its message as one line, without a traceback."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    groups: tuple[tuple[str, str, str], ...]  # (group label, module-list attribute, config key)
+
+
+FAMILIES = {
+    "WanTransformer3DModel": Family("wan", (("block", "blocks", "num_layers"),)),
+    "HunyuanVideoTransformer3DModel": Family(
+        "hunyuan",
+        (("double", "transformer_blocks", "num_layers"),
+         ("single", "single_transformer_blocks", "num_single_layers")),
+    ),
+}
+
+
+def family_of(model) -> Family:
+    name = type(model).__name__
+    if name not in FAMILIES:
+        raise FlgError(f"unsupported model class {name!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def resolve_model_dir(path_or_name: str | Path) -> Path:
+    """Map a built-in name or a model / pipeline directory to the transformer's directory."""
+    p = BUILTIN.get(str(path_or_name), Path(path_or_name))
+    for cand in (p, p / "transformer"):
+        if (cand / "config.json").is_file():
+            return cand
+    raise FlgError(f"{path_or_name}: no transformer config.json found (expected a diffusers transformer "
+                   f"or pipeline directory, or one of: {', '.join(BUILTIN)})")
+
+
+def model_class_name(model_dir: Path) -> str:
+    try:
+        name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "")
+    except json.JSONDecodeError as e:
+        raise FlgError(f"{model_dir}/config.json is not valid JSON: {e}") from None
+    if name not in FAMILIES:
+        raise FlgError(f"{model_dir}: found model class {name or '(none)'!r}; supported: {', '.join(FAMILIES)}")
+    return name
+
+
+def load_transformer(path_or_name: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """Load a diffusers transformer strictly: missing, unexpected or meta-device weights are refused.
+
+    diffusers' from_pretrained never raises on a config that disagrees with the checkpoint (it loads
+    the first N blocks, or leaves extra ones on the meta device), so we check its loading info.
+    """
+    model_dir = resolve_model_dir(path_or_name)
+    cls = getattr(diffusers, model_class_name(model_dir))
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    model, info = cls.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if bad or meta:
+        first = (meta or [str(v[0]) for v in bad.values()])[0]
+        raise FlgError(f"{model_dir}: weights do not match the config ({', '.join(bad) or 'meta tensors'}; "
+                       f"first: {first})")
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+TINY = {
+    # Shapes follow diffusers' own CPU test configs, with a few more blocks so surgery has room.
+    "wan-t2v": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)),
+    "wan-i2v": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4 + 1 + 4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32)),
+    "hunyuan": ("HunyuanVideoTransformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
+        num_single_layers=3, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))),
+    "hunyuan-i2v": ("HunyuanVideoTransformer3DModel", dict(
+        in_channels=4 + 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
+        num_single_layers=3, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type="latent_concat")),
+}
+
+
+def tiny_model(kind: str = "wan-i2v", seed: int = 0, **overrides):
+    """A tiny random-init model of a real diffusers class, for tests (kinds: see `TINY`)."""
+    if kind not in TINY:
+        raise FlgError(f"unknown tiny model {kind!r}; choose from {', '.join(TINY)}")
+    cls_name, cfg = TINY[kind]
+    torch.manual_seed(seed)
+    model = getattr(diffusers, cls_name)(**{**cfg, **overrides})
+    # Random init leaves the output projection near zero in some families; perturb every weight a bit
+    # so that skipping a block measurably changes the output in tests.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- calling
+
+@dataclass
+class Cond:
+    """Everything a family's forward needs besides (x, s). Batch-first tensors.
+
+    text [B, L, D] prompt embeddings; image [B, C, F, H, W] the condition latents (frame 0 is the
+    first frame, the rest as the family's pipeline builds them) or None for T2V; text_mask [B, L] and
+    pooled [B, P] for HunyuanVideo; image_embeds [B, N, D] for Wan 2.1 I2V's CLIP tokens.
+    """
+    text: torch.Tensor
+    image: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    guidance: float = 6.0  # HunyuanVideo's embedded (distilled) guidance scale
+
+    def map(self, fn) -> "Cond":
+        """Apply fn to every tensor field (slicing, repeating, moving devices)."""
+        return replace(self, **{k: fn(v) for k, v in vars(self).items() if torch.is_tensor(v)})
+
+    def with_text(self, other: "Cond") -> "Cond":
+        """This condition with the text fields of `other` (used to build the null condition for CFG)."""
+        return replace(self, text=other.text, text_mask=other.text_mask, pooled=other.pooled)
+
+
+def cat_conds(conds: list[Cond]) -> Cond:
+    """Concatenate conditions along the batch (e.g. cond + null for one batched CFG forward)."""
+    first = conds[0]
+    out = {}
+    for k, v in vars(first).items():
+        out[k] = torch.cat([getattr(c, k) for c in conds]) if torch.is_tensor(v) else v
+    return Cond(**out)
+
+
+def _first_frame_mask(x: torch.Tensor, channels: int) -> torch.Tensor:
+    mask = torch.zeros(x.shape[0], channels, *x.shape[2:], dtype=x.dtype, device=x.device)
+    mask[:, :, 0] = 1
+    return mask
+
+
+def _wan_call(model, x, t, cond: Cond):
+    cfg = model.config
+    if cfg.in_channels != cfg.out_channels:  # I2V: [noisy latents, first-frame mask, condition latents]
+        if cond.image is None:
+            raise FlgError("this Wan model is image-conditioned (in_channels > out_channels): pass an image condition")
+        mask_ch = cfg.in_channels - 2 * cfg.out_channels
+        x = torch.cat([x, _first_frame_mask(x, mask_ch), cond.image.to(x.dtype)], dim=1)
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=cond.text.to(x.dtype),
+                 encoder_hidden_states_image=None if cond.image_embeds is None else cond.image_embeds.to(x.dtype),
+                 return_dict=False)[0]
+
+
+def _hunyuan_call(model, x, t, cond: Cond):
+    cfg = model.config
+    if cfg.image_condition_type == "latent_concat":  # [noisy latents, condition latents, first-frame mask]
+        if cond.image is None:
+            raise FlgError("this HunyuanVideo model is image-conditioned: pass an image condition")
+        x = torch.cat([x, cond.image.to(x.dtype), _first_frame_mask(x, 1)], dim=1)
+    elif cfg.image_condition_type is not None:
+        raise FlgError(f"HunyuanVideo image_condition_type {cfg.image_condition_type!r} is not supported yet "
+                       f"(supported: latent_concat, None)")
+    b = x.shape[0]
+    mask = cond.text_mask if cond.text_mask is not None else torch.ones(b, cond.text.shape[1], device=x.device)
+    pooled = cond.pooled if cond.pooled is not None else torch.zeros(b, cfg.pooled_projection_dim, device=x.device)
+    guidance = torch.full((b,), cond.guidance * 1000.0, device=x.device, dtype=x.dtype) if cfg.guidance_embeds else None
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=cond.text.to(x.dtype),
+                 encoder_attention_mask=mask, pooled_projections=pooled.to(x.dtype), guidance=guidance,
+                 return_dict=False)[0]
+
+
+CALLS = {"wan": _wan_call, "hunyuan": _hunyuan_call}
+
+
+def velocity(model, x: torch.Tensor, s: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """v_theta(x_s, s, c): the model's velocity for noisy latents x [B, C, F, H, W] at sigmas s [B]."""
+    dtype = next(model.parameters()).dtype
+    t = (s * 1000.0).to(dtype)
+    return CALLS[family_of(model).name](model, x.to(dtype), t, cond).to(x.dtype)
+
+
+def velocity_cfg(model, x: torch.Tensor, s: torch.Tensor, cond: Cond, null: Cond, scale: float) -> torch.Tensor:
+    """CFG velocity with cond and null batched into one forward (scale 1: one conditional forward)."""
+    if scale == 1.0:
+        return velocity(model, x, s, cond)
+    v = velocity(model, torch.cat([x, x]), torch.cat([s, s]), cat_conds([cond, null]))
+    v_c, v_n = v.chunk(2)
+    return v_n + scale * (v_c - v_n)
+
+
+def load_model(name: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """`tiny:<kind>` gives a tiny random model (see `TINY`); anything else goes to `load_transformer`."""
+    if str(name).startswith("tiny:"):
+        return tiny_model(str(name)[5:]).to(device)
+    return load_transformer(name, dtype, device)
+
+
+def probe_inputs(model, batch: int = 2, frames: int = 2, size: int = 8, seed: int = 0):
+    """Random (x, s, cond) shaped for `model`: for equality checks of surgery and export."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    c = cfg.out_channels or cfg.in_channels
+    pt = cfg.patch_size[0] if isinstance(cfg.patch_size, (list, tuple)) else getattr(cfg, "patch_size_t", 1)
+    x = torch.randn(batch, c, frames * pt, size, size, generator=g)
+    text_dim = getattr(cfg, "text_dim", None) or cfg.text_embed_dim
+    image = torch.randn(x.shape, generator=g) if cfg.in_channels != c else None
+    cond = Cond(text=torch.randn(batch, 4, text_dim, generator=g), image=image)
+    return x, torch.rand(batch, generator=g), cond

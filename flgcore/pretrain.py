@@ -1,0 +1,151 @@
+"""`flg pretrain`: train the tiny teacher (a real diffusers WanTransformer3DModel) on SynthMotion.
+
+Plain flow matching (v-target, eps - x0) with Wan-I2V-style conditioning: the noisy clip, a
+first-frame mask and the first frame are concatenated on channels; the caption goes through
+cross-attention. The caption is dropped for `cond_dropout` of the samples so that the model also
+learns the null condition used by CFG. Resumable: checkpoints carry model, EMA, optimizer,
+scheduler, step and every RNG state; a restarted run continues where the last checkpoint left off.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import flow, synth
+from .config import save_config
+from .models import FlgError, velocity
+from .runs import (append_jsonl, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                   set_rng_state, write_json)
+
+
+@dataclass
+class TeacherArch:
+    """The tiny teacher: 16 blocks x width 96 over 8x32x32 RGB clips (patch 2x4x4 -> 256 tokens)."""
+    num_layers: int = 16
+    num_attention_heads: int = 4
+    attention_head_dim: int = 24
+    ffn_dim: int = 384
+    text_dim: int = 32
+    freq_dim: int = 64
+    patch_size: tuple[int, ...] = (2, 4, 4)
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/pretrain"
+    arch: TeacherArch = field(default_factory=TeacherArch)
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    cond_dropout: float = 0.1   # share of samples trained with the empty caption (for CFG)
+    shift: float = 2.0          # timestep shift used in training and saved for sampling
+    ema_decay: float = 0.999
+    seed: int = 0
+    ckpt_every: int = 100
+    log_every: int = 10
+    threads: int = 0            # torch CPU threads (0: torch's default)
+    sample_steps: int = 50      # sampling defaults saved with the model
+    sample_cfg: float = 4.0
+
+
+def build_teacher(arch: TeacherArch, seed: int = 0):
+    import diffusers
+    torch.manual_seed(seed)
+    c = 3  # RGB "latents": the testbed has no VAE
+    return diffusers.WanTransformer3DModel(
+        patch_size=tuple(arch.patch_size), num_attention_heads=arch.num_attention_heads,
+        attention_head_dim=arch.attention_head_dim, in_channels=c + 1 + c, out_channels=c,
+        text_dim=arch.text_dim, freq_dim=arch.freq_dim, ffn_dim=arch.ffn_dim, num_layers=arch.num_layers,
+        rope_max_seq_len=64)
+
+
+def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Training sigmas: uniform, pushed through the same shift the sampler uses."""
+    return flow.shift_sigma(torch.rand(n, generator=generator), shift).float()
+
+
+def export_model(model, encoder: synth.TextEncoder, out: Path, meta: dict) -> Path:
+    """Write a model directory: transformer/ (diffusers), text_encoder/, flgcore.json (sampling defaults)."""
+    from .runs import atomic_write_text
+    import json
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "transformer")
+    encoder.save(out / "text_encoder")
+    atomic_write_text(out / "flgcore.json", json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    save_config(cfg, out)
+    model = build_teacher(cfg.arch, cfg.seed).train()
+    encoder = synth.TextEncoder.create(dim=cfg.arch.text_dim)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / cfg.warmup) *
+                                              0.5 * (1 + math.cos(math.pi * min(k, cfg.steps) / cfg.steps)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+    step = 0
+    if (ck := latest_checkpoint(out)) is not None:
+        st = load_checkpoint(ck)
+        model.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
+        ema, step = st["ema"], st["step"]
+        np_rng.bit_generator.state = st["np_rng"]
+        set_rng_state(st["rng"], {"noise": gen})
+        print(f"resuming {out} from step {step}")
+
+    def checkpoint():
+        save_checkpoint(out, step, dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                                        ema=ema, step=step, np_rng=np_rng.bit_generator.state,
+                                        rng=rng_state({"noise": gen})))
+
+    null_text = encoder.encode([""])
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", dynamic_ncols=True)
+    losses, t0 = [], time.time()
+    while step < cfg.steps:
+        x0, specs = synth.clips(synth.train_seeds(np_rng, cfg.batch_size))
+        cond = synth.make_cond(encoder, x0, [s.train_caption for s in specs])
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
+        cond.text[drop] = null_text
+        eps = torch.randn(x0.shape, generator=gen)
+        s = sample_sigmas(cfg.batch_size, cfg.shift, gen)
+        v = velocity(model, flow.add_noise(x0, eps, s), s, cond)
+        loss = torch.nn.functional.mse_loss(v.float(), flow.velocity_target(x0, eps))
+        if not torch.isfinite(loss):
+            raise FlgError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint kept in {out}/checkpoints")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step(); sched.step(); step += 1
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up of the EMA
+            for k, p in model.state_dict().items():
+                ema[k].mul_(d).add_(p.detach(), alpha=1 - d) if p.dtype.is_floating_point else ema[k].copy_(p)
+        losses.append(loss.item())
+        bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            append_jsonl(out / "log.jsonl", dict(step=step, loss=float(np.mean(losses)), grad_norm=float(gnorm),
+                                                 lr=sched.get_last_lr()[0], sec_per_step=(time.time() - t0) / len(losses)))
+            losses, t0 = [], time.time()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpoint()
+    bar.close()
+    model.load_state_dict(ema)
+    meta = dict(family="wan", kind="teacher", shift=cfg.shift, sampler="euler", steps=cfg.sample_steps,
+                cfg_scale=cfg.sample_cfg, frames=synth.FRAMES, size=synth.SIZE, channels=3, trained_steps=step)
+    export_model(model.eval(), encoder, out / "model", meta)
+    metrics = dict(steps=step, final_loss=float(np.mean([r for r in losses])) if losses else None)
+    write_json(out / "metrics.json", {k: v for k, v in metrics.items() if v is not None})
+    return metrics

@@ -1,0 +1,87 @@
+"""Run folders: atomic writes, JSON logs and resumable checkpoints with every RNG state.
+
+A write goes to a temp file (or folder) beside its target and is renamed into place, so a run
+killed at any moment leaves either the previous file or the new one, never half of one.
+Checkpoints live in `<run>/checkpoints/step_<N>/`; the newest complete one is resumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    for k, g in (generators or {}).items():
+        state[f"gen:{k}"] = g.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in (generators or {}).items():
+        g.set_state(state[f"gen:{k}"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write `state` (a dict of state_dicts, tensors and picklable values) as checkpoints/step_N, atomically.
+
+    The new folder is complete before it is renamed into place; older ones beyond `keep` are removed
+    only after that, so an interruption never leaves the run without a good checkpoint.
+    """
+    ck = Path(run_dir) / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    final = ck / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=ck, prefix=".tmp_"))
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(ck.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(Path(path) / "state.pt", weights_only=False)

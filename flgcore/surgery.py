@@ -1,0 +1,161 @@
+"""Block-level model surgery on diffusers transformers: list, skip, prune, select.
+
+Blocks get one global index in forward order (HunyuanVideo: its double blocks, then its single
+blocks). Skipping swaps each group's `nn.ModuleList` for one holding only the kept blocks, so the
+unchanged diffusers forward simply iterates fewer blocks (skipped blocks cost nothing and the same
+parameter objects stay in place); pruning does the same on a copy and updates the registered config,
+so `save_pretrained` / `from_pretrained` round-trip the smaller model with no extra code.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch.nn as nn
+
+from .models import FlgError, family_of
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int   # global position in forward order
+    group: str   # "block" (Wan) or "double" / "single" (HunyuanVideo)
+    local: int   # position inside its group's module list
+    params: int  # parameter count
+    module: nn.Module
+
+
+def blocks(model) -> list[Block]:
+    """Every DiT block of the model, in forward order, with its global index."""
+    out = []
+    for group, attr, _ in family_of(model).groups:
+        for j, m in enumerate(getattr(model, attr)):
+            out.append(Block(len(out), group, j, sum(p.numel() for p in m.parameters()), m))
+    return out
+
+
+def block_table(model) -> list[dict]:
+    """One row per block: index, group, params (and the share of all block parameters)."""
+    bl = blocks(model)
+    total = sum(b.params for b in bl)
+    return [dict(index=b.index, group=b.group, params=b.params, share=b.params / total) for b in bl]
+
+
+def format_block_table(model) -> str:
+    rows = block_table(model)
+    lines = [f"{'index':>5}  {'group':<6} {'params':>12}  {'share':>6}"]
+    lines += [f"{r['index']:>5}  {r['group']:<6} {r['params']:>12,}  {r['share']:>6.1%}" for r in rows]
+    lines.append(f"{len(rows)} blocks, {sum(r['params'] for r in rows):,} block parameters "
+                 f"of {sum(p.numel() for p in model.parameters()):,} in all")
+    return "\n".join(lines)
+
+
+def check_indices(model, indices: Iterable[int], what: str = "block index") -> list[int]:
+    """Validate block indices (ints in range, no duplicates); returns them sorted."""
+    n = len(blocks(model))
+    idx = list(indices)
+    for i in idx:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+            raise FlgError(f"{what} {i!r} out of range: the model has {n} blocks (0..{n - 1})")
+    if len(set(idx)) != len(idx):
+        raise FlgError(f"duplicate {what}es in {sorted(idx)}")
+    return sorted(idx)
+
+
+def _kept_by_group(model, keep: Sequence[int]) -> dict[str, list[nn.Module]]:
+    keep = set(keep)
+    out: dict[str, list[nn.Module]] = {attr: [] for _, attr, _ in family_of(model).groups}
+    attr_of = {g: a for g, a, _ in family_of(model).groups}
+    for b in blocks(model):
+        if b.index in keep:
+            out[attr_of[b.group]].append(b.module)
+    return out
+
+
+@contextmanager
+def skipping(model, drop: Iterable[int]):
+    """Within the block, the model's forward skips the blocks in `drop` (global indices).
+
+    On exit the original module lists are put back, so the model is bit-identical to before.
+    """
+    drop = check_indices(model, drop, "skipped block index")
+    if not drop:
+        yield model
+        return
+    keep = [b.index for b in blocks(model) if b.index not in set(drop)]
+    originals = {attr: getattr(model, attr) for _, attr, _ in family_of(model).groups}
+    try:
+        for attr, mods in _kept_by_group(model, keep).items():
+            setattr(model, attr, nn.ModuleList(mods))
+        yield model
+    finally:
+        for attr, mods in originals.items():
+            setattr(model, attr, mods)
+
+
+def prune(model, keep: Iterable[int]):
+    """A physically smaller copy of `model` (same class) holding only the blocks in `keep`.
+
+    The registered config's block counts are updated, so save_pretrained / from_pretrained work as is,
+    and its outputs equal the skip view `skipping(model, complement(keep))`.
+    """
+    keep = check_indices(model, keep, "kept block index")
+    if not keep:
+        raise FlgError("a pruned model must keep at least one block")
+    kept = _kept_by_group(model, keep)
+    # Copy without the blocks first so a large model is not duplicated whole, then attach copies of the kept ones.
+    originals = {attr: getattr(model, attr) for attr in kept}
+    try:
+        for attr in kept:
+            setattr(model, attr, nn.ModuleList())
+        small = copy.deepcopy(model)
+    finally:
+        for attr, mods in originals.items():
+            setattr(model, attr, mods)
+    for _, attr, key in family_of(model).groups:
+        setattr(small, attr, nn.ModuleList(copy.deepcopy(m) for m in kept[attr]))
+        small.register_to_config(**{key: len(kept[attr])})
+    return small
+
+
+def complement(model, indices: Iterable[int]) -> list[int]:
+    """All block indices not in `indices`."""
+    s = set(check_indices(model, indices))
+    return [b.index for b in blocks(model) if b.index not in s]
+
+
+def check_retention(retention: float) -> float:
+    if not isinstance(retention, (int, float)) or not 0 < retention <= 1:
+        raise FlgError(f"retention must be in (0, 1], got {retention!r}")
+    return float(retention)
+
+
+def select_keep(scores: Sequence[float], params: Sequence[int], retention: float) -> list[int]:
+    """Keep the most important blocks whose parameters fit in `retention` of all block parameters.
+
+    scores[i] is block i's importance (higher = more important, e.g. the Eq. 4 error when it is
+    skipped); blocks are taken in descending score order and each one is kept if it still fits the
+    budget (so a large HunyuanVideo double block that does not fit can leave room for single ones).
+    """
+    retention = check_retention(retention)
+    if len(scores) != len(params):
+        raise FlgError(f"{len(scores)} scores for {len(params)} blocks")
+    budget = retention * sum(params) * (1 + 1e-9)  # tolerate float rounding at exact fits
+    keep, used = [], 0
+    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+        if used + params[i] <= budget:
+            keep.append(i)
+            used += params[i]
+    if not keep:
+        raise FlgError(f"retention {retention} keeps no block (smallest block is {min(params) / sum(params):.1%} "
+                       f"of block parameters)")
+    return sorted(keep)
+
+
+def retention_of(model, keep: Iterable[int]) -> float:
+    """Fraction of block parameters held by the blocks in `keep`."""
+    bl = blocks(model)
+    keep = set(check_indices(model, keep))
+    return sum(b.params for b in bl if b.index in keep) / sum(b.params for b in bl)

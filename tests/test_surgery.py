@@ -1,0 +1,111 @@
+"""Surgery invariants on tiny random models of every supported diffusers class."""
+import pytest
+import torch
+
+from flgcore.models import FlgError, load_transformer, probe_inputs, velocity
+from flgcore.surgery import (block_table, blocks, complement, prune, retention_of, select_keep,
+                             skipping)
+
+
+def _v(model, inputs):
+    with torch.no_grad():
+        return velocity(model, *inputs)
+
+
+def _drop_for(model):
+    groups = [b.group for b in blocks(model)]
+    if "double" in groups:  # drop a double and a single block
+        return [groups.index("double") + 1, groups.index("single") + 1]
+    return [1, len(groups) - 2]
+
+
+def test_skipping_nothing_is_bit_identical(tiny):
+    inputs = probe_inputs(tiny)
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    v0 = _v(tiny, inputs)
+    with skipping(tiny, []):
+        assert torch.equal(_v(tiny, inputs), v0)
+    with skipping(tiny, _drop_for(tiny)):
+        assert not torch.allclose(_v(tiny, inputs), v0)
+    assert torch.equal(_v(tiny, inputs), v0)  # restored on exit
+    assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_skip_view_equals_pruned_and_reloaded(tiny, tmp_path, checkpointing):
+    drop = _drop_for(tiny)
+    inputs = probe_inputs(tiny)
+    if checkpointing:
+        tiny.enable_gradient_checkpointing()
+    with torch.enable_grad(), skipping(tiny, drop):  # checkpointing only acts with grad enabled
+        v_skip = velocity(tiny, *inputs).detach()
+    small = prune(tiny, complement(tiny, drop))
+    assert type(small) is type(tiny) and len(blocks(small)) == len(blocks(tiny)) - len(drop)
+    small.save_pretrained(tmp_path)
+    reloaded = load_transformer(tmp_path)
+    for m in (small, reloaded):
+        torch.testing.assert_close(_v(m, inputs), v_skip, rtol=1e-5, atol=1e-6)
+    assert len(blocks(reloaded)) == len(blocks(small))
+
+
+def test_gradient_checkpointing_does_not_change_skip_view(tiny):
+    inputs, drop = probe_inputs(tiny), _drop_for(tiny)
+    with skipping(tiny, drop):
+        v_plain = velocity(tiny, *inputs)
+    tiny.enable_gradient_checkpointing()
+    with skipping(tiny, drop):
+        v_ckpt = velocity(tiny, *inputs)
+        v_ckpt.sum().backward()
+    torch.testing.assert_close(v_ckpt, v_plain)
+    skipped = {id(p) for i in drop for p in blocks(tiny)[i].module.parameters()}
+    assert all(p.grad is None for p in tiny.parameters() if id(p) in skipped)
+
+
+def test_block_table_adds_up(tiny):
+    rows = block_table(tiny)
+    per_group = {}
+    for r in rows:
+        per_group[r["group"]] = per_group.get(r["group"], 0) + r["params"]
+    attrs = {"block": "blocks", "double": "transformer_blocks", "single": "single_transformer_blocks"}
+    for g, n in per_group.items():
+        assert n == sum(p.numel() for p in getattr(tiny, attrs[g]).parameters())
+    assert [r["index"] for r in rows] == list(range(len(rows)))
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
+
+
+def test_selection_respects_budget_and_ranking():
+    scores = [5.0, 1.0, 0.5, 0.2, 0.9, 4.0]
+    params = [10] * 6
+    keep = select_keep(scores, params, 0.5)
+    assert keep == [0, 1, 5]  # the top 3 by score
+    # unequal sizes: a large block that does not fit leaves room for smaller ones
+    keep = select_keep([3, 2, 1, 0], [50, 30, 20, 20], 0.6)
+    assert sum([50, 30, 20, 20][i] for i in keep) <= 0.6 * 120
+    assert keep == [0, 2]
+    for r in (0.2, 0.3, 0.77, 1.0):
+        k = select_keep(scores, params, r)
+        assert sum(params[i] for i in k) <= r * sum(params) + 1e-9
+
+
+def test_retention_of_tiny(tiny):
+    n = len(blocks(tiny))
+    assert retention_of(tiny, range(n)) == pytest.approx(1.0)
+    keep = select_keep(list(range(n)), [b.params for b in blocks(tiny)], 0.5)
+    assert retention_of(tiny, keep) <= 0.5 + 1e-9
+
+
+@pytest.mark.parametrize("bad", [-1, 99, 1.5])
+def test_out_of_range_index_is_a_clear_error(bad):
+    from flgcore.models import tiny_model
+    m = tiny_model("wan-t2v")
+    with pytest.raises(FlgError, match=f"block index {bad!r} out of range"):
+        with skipping(m, [bad]):
+            pass
+    with pytest.raises(FlgError, match="out of range"):
+        prune(m, [0, bad])
+
+
+@pytest.mark.parametrize("r", [0, -0.2, 1.01, 2])
+def test_retention_outside_unit_interval_is_refused(r):
+    with pytest.raises(FlgError, match=r"retention must be in \(0, 1\]"):
+        select_keep([1, 2], [1, 1], r)
