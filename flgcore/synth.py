@@ -90,14 +90,18 @@ def shape_mask(shape: str, cx: float, cy: float, radius: int, size: int = SIZE) 
 
 
 def render(spec: ClipSpec, frames: int = FRAMES, size: int = SIZE, velocity: tuple[int, int] | None = None,
-           color: str | None = None) -> np.ndarray:
-    """Render a clip as float32 [3, frames, size, size] in [-1, 1] (overrides are for SynthBench's damages)."""
+           color: str | None = None, shape: str | None = None, offsets=None) -> np.ndarray:
+    """Render a clip as float32 [3, frames, size, size] in [-1, 1].
+
+    The overrides (velocity, colour, shape, per-frame pixel offsets) exist to damage clips in SynthBench's tests.
+    """
     vx, vy = velocity if velocity is not None else spec.velocity
     bg = np.array(BACKGROUNDS[spec.background], np.float32)
     fg = np.array(COLORS[color or spec.color], np.float32)
     clip = np.empty((frames, size, size, 3), np.float32)
     for f in range(frames):
-        m = shape_mask(spec.shape, spec.x0 + vx * f, spec.y0 + vy * f, spec.radius, size)
+        ox, oy = offsets[f] if offsets is not None else (0, 0)
+        m = shape_mask(shape or spec.shape, spec.x0 + vx * f + ox, spec.y0 + vy * f + oy, spec.radius, size)
         clip[f] = np.where(m[..., None], fg, bg)
     return clip.transpose(3, 0, 1, 2) * 2 - 1
 
