@@ -49,8 +49,35 @@ def cmd_prune(a):
 
 def cmd_pretrain(a):
     from .config import load_config
-    from .pretrain import PretrainConfig, run_pretrain
-    print(run_pretrain(load_config(PretrainConfig, a.config, a.overrides)))
+    from .pretrain import PretrainConfig, export_checkpoint, run_pretrain
+    cfg = load_config(PretrainConfig, a.config, a.overrides)
+    print(export_checkpoint(cfg, a.export_to) if a.export_to else run_pretrain(cfg))
+
+
+def cmd_sample(a):
+    import numpy as np
+    import torch
+    from . import synth
+    from .sampling import SampleSpec, load_bundle, load_image, sample_batch, save_video
+    bundle = load_bundle(a.model)
+    spec = SampleSpec(a.sampler, a.steps, a.cfg, None, None, _ints(a.drop) if a.drop else []).resolve(bundle.meta)
+    out = Path(a.out)
+    for seed in _ints(a.seed):
+        clip_spec = synth.clip_spec(seed)
+        first = load_image(a.image) if a.image else torch.from_numpy(synth.render(clip_spec, frames=1)[:, 0])
+        caption = a.caption if a.caption is not None else clip_spec.caption
+        bundle.encoder.encode([caption])  # refuse unknown words before sampling
+        clip = sample_batch(bundle, spec, first[None], [caption], [seed])[0]
+        stem = out / f"{seed}_{caption.replace(' ', '_') or 'null'}"
+        paths = save_video(clip, stem)
+        np.savez(out / f"{stem.name}.npz", clip=clip.numpy(), seed=seed, caption=caption)
+        print(f"{caption!r} (seed {seed}, {spec.sampler}, nfe {spec.nfe()}): " + ", ".join(str(p) for p in paths))
+
+
+def cmd_eval(a):
+    from .config import load_config
+    from .evaluate import EvalConfig, run_eval
+    run_eval(load_config(EvalConfig, a.config, a.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +96,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_prune)
 
-    for name, fn, hlp in [("pretrain", cmd_pretrain, "train the tiny teacher on SynthMotion")]:
+    s = sub.add_parser("sample", help="sample clips (mp4, gif, png strip, npz) from a model")
+    s.add_argument("--model", default="synth-tiny")
+    s.add_argument("--caption", help="default: the seed's SynthMotion caption, e.g. 'a red square moves left quickly'")
+    s.add_argument("--seed", default="2000000000", help="comma-separated seeds (noise, and the first frame unless --image)")
+    s.add_argument("--image", help="first frame (PNG/JPEG, resized to 32x32)")
+    s.add_argument("--sampler", choices=["euler", "fewstep"], help="default: the model's saved sampler")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--cfg", type=float)
+    s.add_argument("--drop", help="comma-separated blocks to skip (a Stage-II model's drop view)")
+    s.add_argument("--out", default="runs/samples")
+    s.set_defaults(fn=cmd_sample)
+
+    def stage(name, fn, hlp):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys for nested sections)")
         s.set_defaults(fn=fn)
+        return s
+
+    s = stage("pretrain", cmd_pretrain, "train the tiny teacher on SynthMotion (resumes from its last checkpoint)")
+    s.add_argument("--export-to", help="only export the latest checkpoint's EMA weights to this model directory")
+    stage("eval", cmd_eval, "SynthBench scores of a model on held-out seeds (or of a folder of clips)")
 
     a = p.parse_args(argv)
     try:

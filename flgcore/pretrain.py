@@ -55,6 +55,7 @@ class PretrainConfig:
     threads: int = 0            # torch CPU threads (0: torch's default)
     sample_steps: int = 50      # sampling defaults saved with the model
     sample_cfg: float = 4.0
+    init_from: str | None = None  # warm start: a model directory (e.g. synth-tiny) whose weights start the run
 
 
 def build_teacher(arch: TeacherArch, seed: int = 0):
@@ -90,6 +91,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     out = Path(cfg.out)
     save_config(cfg, out)
     model = build_teacher(cfg.arch, cfg.seed).train()
+    if cfg.init_from:
+        from .models import load_transformer
+        model.load_state_dict(load_transformer(cfg.init_from).state_dict())
     encoder = synth.TextEncoder.create(dim=cfg.arch.text_dim)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
@@ -142,10 +146,24 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             checkpoint()
     bar.close()
-    model.load_state_dict(ema)
+    return export_checkpoint(cfg)
+
+
+def export_checkpoint(cfg: PretrainConfig, dest: str | Path | None = None) -> dict:
+    """Export the EMA weights of the run's latest checkpoint as a model directory (default <out>/model)."""
+    out = Path(cfg.out)
+    ck = latest_checkpoint(out)
+    if ck is None:
+        raise FlgError(f"{out}: no checkpoint to export")
+    st = load_checkpoint(ck)
+    model = build_teacher(cfg.arch, cfg.seed)
+    model.load_state_dict(st["ema"])
     meta = dict(family="wan", kind="teacher", shift=cfg.shift, sampler="euler", steps=cfg.sample_steps,
-                cfg_scale=cfg.sample_cfg, frames=synth.FRAMES, size=synth.SIZE, channels=3, trained_steps=step)
-    export_model(model.eval(), encoder, out / "model", meta)
-    metrics = dict(steps=step, final_loss=float(np.mean([r for r in losses])) if losses else None)
-    write_json(out / "metrics.json", {k: v for k, v in metrics.items() if v is not None})
+                cfg_scale=cfg.sample_cfg, frames=synth.FRAMES, size=synth.SIZE, channels=3, trained_steps=st["step"])
+    dest = Path(dest) if dest else out / "model"
+    export_model(model.eval(), synth.TextEncoder.create(dim=cfg.arch.text_dim), dest, meta)
+    log = [r for r in map(__import__("json").loads, open(out / "log.jsonl")) if r["step"] <= st["step"]] \
+        if (out / "log.jsonl").exists() else []
+    metrics = dict(steps=st["step"], final_loss=log[-1]["loss"] if log else None, model=str(dest))
+    write_json(out / "metrics.json", metrics)
     return metrics

@@ -1,0 +1,145 @@
+"""Sampling SynthMotion clips from a teacher (Euler + CFG) or a student (few-step), and writing videos.
+
+A model directory holds `transformer/` (diffusers), `text_encoder/` and `flgcore.json`, the sampling
+schedule saved with the model (sampler, steps, cfg_scale, shift, and a student's sigmas), so that
+nothing about how to sample it has to be remembered elsewhere. Noise is drawn per clip from its
+seed, so a clip does not depend on the batch it was sampled in.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import flow, synth
+from .models import BUILTIN, FlgError, load_transformer, velocity_cfg
+from .surgery import skipping
+
+
+@dataclass
+class Bundle:
+    """A loaded model directory: the transformer, its text encoder and its sampling metadata."""
+    model: torch.nn.Module
+    encoder: synth.TextEncoder
+    meta: dict
+    root: Path
+
+
+def model_root(name: str | Path) -> Path:
+    p = BUILTIN.get(str(name), Path(name))
+    if (p / "flgcore.json").is_file():
+        return p
+    if (p.parent / "flgcore.json").is_file():  # a transformer/ folder inside a model directory
+        return p.parent
+    raise FlgError(f"{name}: not a flgcore model directory (no flgcore.json beside transformer/ and text_encoder/)")
+
+
+def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
+    root = model_root(name)
+    return Bundle(load_transformer(root / "transformer", device=device), synth.TextEncoder.load(root / "text_encoder"),
+                  json.loads((root / "flgcore.json").read_text()), root)
+
+
+@dataclass
+class SampleSpec:
+    """How to sample: None fields fall back to the model's saved schedule."""
+    sampler: str | None = None        # "euler" (teacher) or "fewstep" (student)
+    steps: int | None = None          # Euler steps
+    cfg_scale: float | None = None    # CFG scale (1: no CFG)
+    shift: float | None = None
+    sigmas: list[float] | None = None  # few-step input sigmas
+    drop: list[int] = field(default_factory=list)  # blocks to skip (the drop view)
+
+    def resolve(self, meta: dict) -> "SampleSpec":
+        sampler = self.sampler or meta.get("sampler", "euler")
+        if sampler not in ("euler", "fewstep"):
+            raise FlgError(f"sampler must be 'euler' or 'fewstep', got {sampler!r}")
+        out = SampleSpec(sampler, self.steps or meta.get("steps", 50),
+                         self.cfg_scale if self.cfg_scale is not None else meta.get("cfg_scale", 1.0),
+                         self.shift if self.shift is not None else meta.get("shift", 1.0),
+                         self.sigmas or meta.get("sigmas"), list(self.drop))
+        if out.sampler == "fewstep" and not out.sigmas:
+            raise FlgError("the fewstep sampler needs sigmas (none given, none saved with the model)")
+        if out.steps < 1:
+            raise FlgError(f"steps must be >= 1, got {out.steps}")
+        return out
+
+    def nfe(self) -> int:
+        n = len(self.sigmas) if self.sampler == "fewstep" else self.steps
+        return flow.nfe(n, self.cfg_scale)
+
+
+def clip_noise(seeds, shape) -> torch.Tensor:
+    """Initial noise [B, *shape], one generator per clip seeded by the clip's seed."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s) + 7919)) for s in seeds])
+
+
+def sample_batch(bundle: Bundle, spec: SampleSpec, first_frames: torch.Tensor, captions: list[str],
+                 seeds: list[int]) -> torch.Tensor:
+    """Sample clips [B, 3, F, H, W] given first frames [B, 3, H, W], captions and per-clip seeds."""
+    model, enc = bundle.model, bundle.encoder
+    F = bundle.meta.get("frames", synth.FRAMES)
+    ref = torch.zeros(len(seeds), 3, F, *first_frames.shape[-2:])
+    ref[:, :, 0] = first_frames
+    cond = synth.make_cond(enc, ref, captions)
+    null = synth.null_cond(enc, cond)
+    noise = clip_noise(seeds, ref.shape[1:])
+    v = lambda x, s: velocity_cfg(model, x, s, cond, null, spec.cfg_scale)
+    with torch.no_grad(), skipping(model, spec.drop):
+        if spec.sampler == "euler":
+            x = flow.euler_sample(v, noise, flow.euler_sigmas(spec.steps, spec.shift))
+        else:
+            x = flow.fewstep_sample(v, noise, spec.sigmas, generator=torch.Generator().manual_seed(int(seeds[0]) + 104729))
+    # frame 0 is generated too (as in Wan 2.1 I2V), so i2v_subject measures how well the model keeps the image
+    return x.clamp(-1, 1)
+
+
+def sample_seeds(bundle: Bundle, spec: SampleSpec, seeds: list[int], batch_size: int = 32,
+                 progress: bool = True) -> tuple[torch.Tensor, list[synth.ClipSpec]]:
+    """Sample one clip per SynthMotion seed, conditioned on its first frame and full caption."""
+    out, specs = [], []
+    it = range(0, len(seeds), batch_size)
+    for i in tqdm(it, desc=f"sample ({spec.sampler}, nfe {spec.nfe()})", disable=not progress, dynamic_ncols=True):
+        chunk = seeds[i:i + batch_size]
+        real, sp = synth.clips(chunk)
+        out.append(sample_batch(bundle, spec, real[:, :, 0], [s.caption for s in sp], chunk))
+        specs += sp
+    return torch.cat(out), specs
+
+
+# ----------------------------------------------------------------------------- video files
+
+def to_uint8(clip: torch.Tensor, scale: int = 4) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> [F, H*scale, W*scale, 3] uint8 (nearest upscaling, to be visible)."""
+    x = ((clip.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    return x.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def save_video(clip: torch.Tensor, stem: str | Path, fps: int = 4, scale: int = 4) -> list[Path]:
+    """Write stem.mp4, stem.gif and stem.png (the frames side by side)."""
+    import imageio.v2 as imageio
+    from PIL import Image
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8(clip, scale)
+    paths = [stem.parent / f"{stem.name}.{ext}" for ext in ("mp4", "gif", "png")]  # stems may contain dots
+    # frame sizes are multiples of 16, so imageio's macro-block resizing leaves them alone
+    imageio.mimwrite(paths[0], list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=8)
+    imgs = [Image.fromarray(f) for f in frames]
+    imgs[0].save(paths[1], save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    Image.fromarray(np.concatenate(list(frames), axis=1)).save(paths[2])
+    return paths
+
+
+def load_image(path: str | Path, size: int = synth.SIZE) -> torch.Tensor:
+    """A first frame from an image file -> [3, size, size] in [-1, 1]."""
+    from PIL import Image
+    try:
+        img = Image.open(path).convert("RGB").resize((size, size), Image.NEAREST)
+    except (OSError, ValueError) as e:
+        raise FlgError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(np.asarray(img, np.float32) / 127.5 - 1).permute(2, 0, 1)
