@@ -7,6 +7,7 @@ FLG := $(VENV)/bin/flg
 STAMP := $(VENV)/.flgcore-installed
 DEMO := runs/demo
 MODEL ?= synth-tiny
+DEMO_N ?= 32
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-all install clean-demo
@@ -33,6 +34,10 @@ demo: $(STAMP)
 	@echo "== prune 5 middle blocks, save, reload"
 	$(FLG) prune --model $(MODEL) --drop 6,7,8,9,10 --out $(DEMO)/pruned
 	$(FLG) blocks --model $(DEMO)/pruned
+	@echo "== sample from the teacher (50 Euler steps + CFG): mp4, gif and a PNG strip"
+	$(FLG) sample --model $(MODEL) --seed 2000000000,2000000001 --out $(DEMO)/samples
+	@echo "== SynthBench table of the teacher on $(DEMO_N) held-out seeds (flg eval ... n=256 for the LOG.md numbers)"
+	$(FLG) eval model=$(MODEL) n=$(DEMO_N) out=$(DEMO)/eval-teacher
 
 clean-demo:
 	rm -rf $(DEMO)

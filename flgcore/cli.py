@@ -74,6 +74,12 @@ def cmd_sample(a):
         print(f"{caption!r} (seed {seed}, {spec.sampler}, nfe {spec.nfe()}): " + ", ".join(str(p) for p in paths))
 
 
+def cmd_stage1(a):
+    from .config import load_config
+    from .importance import Stage1Config, run_stage1
+    run_stage1(load_config(Stage1Config, a.config, a.overrides))
+
+
 def cmd_eval(a):
     from .config import load_config
     from .evaluate import EvalConfig, run_eval
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = stage("pretrain", cmd_pretrain, "train the tiny teacher on SynthMotion (resumes from its last checkpoint)")
     s.add_argument("--export-to", help="only export the latest checkpoint's EMA weights to this model directory")
+    stage("stage1", cmd_stage1, "Stage I: block importance (Eq. 4 / Eq. 3) and a keep set for a retention")
     stage("eval", cmd_eval, "SynthBench scores of a model on held-out seeds (or of a folder of clips)")
 
     a = p.parse_args(argv)

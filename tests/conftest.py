@@ -10,3 +10,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def tiny(request):
     from flgcore.models import tiny_model
     return tiny_model(request.param)
+
+
+TINY_ARCH = ["arch.num_layers=4", "arch.num_attention_heads=2", "arch.attention_head_dim=12",
+             "arch.ffn_dim=32", "arch.freq_dim=16"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory):
+    """A tiny teacher model directory (4 Wan blocks, 2 training steps): flgcore's model layout, in seconds."""
+    from flgcore.config import load_config
+    from flgcore.pretrain import PretrainConfig, run_pretrain
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    run_pretrain(load_config(PretrainConfig, None, [f"out={out}", "steps=2", "batch_size=2", "warmup=1", *TINY_ARCH]))
+    return out / "model"
