@@ -80,6 +80,12 @@ def cmd_stage1(a):
     run_stage1(load_config(Stage1Config, a.config, a.overrides))
 
 
+def cmd_stage2(a):
+    from .config import load_config
+    from .stage2 import Stage2Config, run_stage2
+    print(run_stage2(load_config(Stage2Config, a.config, a.overrides)))
+
+
 def cmd_eval(a):
     from .config import load_config
     from .evaluate import EvalConfig, run_eval
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     s = stage("pretrain", cmd_pretrain, "train the tiny teacher on SynthMotion (resumes from its last checkpoint)")
     s.add_argument("--export-to", help="only export the latest checkpoint's EMA weights to this model directory")
     stage("stage1", cmd_stage1, "Stage I: block importance (Eq. 4 / Eq. 3) and a keep set for a retention")
+    stage("stage2", cmd_stage2, "Stage II: dynamic probabilistic pruning with self-distillation (resumable)")
     stage("eval", cmd_eval, "SynthBench scores of a model on held-out seeds (or of a folder of clips)")
 
     a = p.parse_args(argv)

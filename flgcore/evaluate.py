@@ -32,6 +32,7 @@ class EvalConfig:
     shift: float | None = None
     sigmas: list[float] | None = None
     drop: list[int] = field(default_factory=list)
+    view: str = "full"            # "drop": skip the blocks a Stage-II model saved as its drop set
     batch_size: int = 32
     clips: str | None = None      # evaluate saved clips (a folder of .npz from `flg sample`) instead
     videos: int = 4               # sample videos written into the run folder
@@ -66,7 +67,12 @@ def run_eval(cfg: EvalConfig) -> dict:
         clips, specs = load_clip_folder(cfg.clips)
     else:
         bundle = load_bundle(cfg.model)
-        spec = SampleSpec(cfg.sampler, cfg.steps, cfg.cfg, cfg.shift, cfg.sigmas, list(cfg.drop)).resolve(bundle.meta)
+        if cfg.view not in ("full", "drop"):
+            raise FlgError(f"view must be 'full' or 'drop', got {cfg.view!r}")
+        if cfg.view == "drop" and "drop" not in bundle.meta:
+            raise FlgError(f"{cfg.model} has no saved drop set (view=drop needs a Stage-II model)")
+        drop = list(cfg.drop) or (bundle.meta["drop"] if cfg.view == "drop" else [])
+        spec = SampleSpec(cfg.sampler, cfg.steps, cfg.cfg, cfg.shift, cfg.sigmas, drop).resolve(bundle.meta)
         t0 = time.time()
         clips, specs = sample_seeds(bundle, spec, synth.heldout_seeds(cfg.n, cfg.seed_offset), cfg.batch_size)
         info = dict(sampler=spec.sampler, steps=spec.steps, cfg_scale=spec.cfg_scale, shift=spec.shift,

@@ -8,7 +8,6 @@ scheduler, step and every RNG state; a restarted run continues where the last ch
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,8 @@ from tqdm.auto import tqdm
 from . import flow, synth
 from .config import save_config
 from .models import FlgError, velocity
-from .runs import (append_jsonl, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                   set_rng_state, write_json)
+from .runs import (append_jsonl, ema_update, latest_checkpoint, load_checkpoint, resume_train_state,
+                   save_train_state, warmup_cosine, write_json)
 
 
 @dataclass
@@ -97,32 +96,16 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     encoder = synth.TextEncoder.create(dim=cfg.arch.text_dim)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / cfg.warmup) *
-                                              0.5 * (1 + math.cos(math.pi * min(k, cfg.steps) / cfg.steps)))
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
-    step = 0
-    if (ck := latest_checkpoint(out)) is not None:
-        st = load_checkpoint(ck)
-        model.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
-        ema, step = st["ema"], st["step"]
-        np_rng.bit_generator.state = st["np_rng"]
-        set_rng_state(st["rng"], {"noise": gen})
-        print(f"resuming {out} from step {step}")
+    step, st = resume_train_state(out, model, opt, sched, {"noise": gen}, np_rng)
+    ema = st.get("ema", ema)
 
-    def checkpoint():
-        save_checkpoint(out, step, dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                                        ema=ema, step=step, np_rng=np_rng.bit_generator.state,
-                                        rng=rng_state({"noise": gen})))
-
-    null_text = encoder.encode([""])
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", dynamic_ncols=True)
     losses, t0 = [], time.time()
     while step < cfg.steps:
-        x0, specs = synth.clips(synth.train_seeds(np_rng, cfg.batch_size))
-        cond = synth.make_cond(encoder, x0, [s.train_caption for s in specs])
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
-        cond.text[drop] = null_text
+        x0, cond = synth.train_batch(encoder, np_rng, gen, cfg.batch_size, cfg.cond_dropout)
         eps = torch.randn(x0.shape, generator=gen)
         s = sample_sigmas(cfg.batch_size, cfg.shift, gen)
         v = velocity(model, flow.add_noise(x0, eps, s), s, cond)
@@ -133,10 +116,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step(); sched.step(); step += 1
-        with torch.no_grad():
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up of the EMA
-            for k, p in model.state_dict().items():
-                ema[k].mul_(d).add_(p.detach(), alpha=1 - d) if p.dtype.is_floating_point else ema[k].copy_(p)
+        ema_update(ema, model, cfg.ema_decay, step)
         losses.append(loss.item())
         bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -144,7 +124,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                                                  lr=sched.get_last_lr()[0], sec_per_step=(time.time() - t0) / len(losses)))
             losses, t0 = [], time.time()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint()
+            save_train_state(out, step, model, opt, sched, {"noise": gen}, np_rng, ema)
     bar.close()
     return export_checkpoint(cfg)
 

@@ -85,3 +85,46 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> dict:
     return torch.load(Path(path) / "state.pt", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- training helpers
+
+def warmup_cosine(opt, warmup: int, steps: int):
+    """Linear warm-up, then cosine decay to 0 at `steps` (a LambdaLR: its state is just the step count)."""
+    import math
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+
+
+@torch.no_grad()
+def ema_update(ema: dict, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA of the weights, with a short warm-up so early averages are not dominated by the init."""
+    d = min(decay, (1 + step) / (10 + step))
+    for k, p in model.state_dict().items():
+        if p.dtype.is_floating_point:
+            ema[k].mul_(d).add_(p.detach().to(ema[k].dtype), alpha=1 - d)
+        else:
+            ema[k].copy_(p)
+
+
+def save_train_state(run_dir, step: int, model, opt, sched, gens: dict, np_rng, ema: dict | None = None,
+                     **extra) -> Path:
+    """Checkpoint everything a bit-identical resume needs: weights, optimiser, schedule, step, every RNG."""
+    return save_checkpoint(run_dir, step, dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                                               ema=ema, step=step, np_rng=np_rng.bit_generator.state,
+                                               rng=rng_state(gens), **extra))
+
+
+def resume_train_state(run_dir, model, opt, sched, gens: dict, np_rng) -> tuple[int, dict]:
+    """Load the newest checkpoint into the given objects; returns (step, the checkpoint dict) or (0, {})."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        return 0, {}
+    st = load_checkpoint(ck)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"])
+    np_rng.bit_generator.state = st["np_rng"]
+    set_rng_state(st["rng"], gens)
+    print(f"resuming {run_dir} from step {st['step']}")
+    return st["step"], st

@@ -181,6 +181,17 @@ def null_cond(encoder: TextEncoder, cond: Cond) -> Cond:
     return cond.with_text(Cond(text=encoder.encode([""] * cond.text.shape[0])))
 
 
+def train_batch(encoder: TextEncoder, rng: np.random.Generator, gen: torch.Generator, batch_size: int,
+                cond_dropout: float = 0.1) -> tuple[torch.Tensor, Cond]:
+    """A training batch (x0 [B, 3, F, H, W], cond): captions with dropped words; `cond_dropout` of the
+    samples get the empty caption, so the model keeps the null branch CFG needs."""
+    x0, specs = clips(train_seeds(rng, batch_size))
+    cond = make_cond(encoder, x0, [s.train_caption for s in specs])
+    drop = torch.rand(batch_size, generator=gen) < cond_dropout
+    cond.text[drop] = 0.0  # the empty caption encodes to zeros
+    return x0, cond
+
+
 def train_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(*TRAIN_SEEDS, size=n)
 

@@ -1,0 +1,180 @@
+"""Stage II (`flg stage2`): dynamic probabilistic pruning with self-distillation (paper Sec. 3.3, Eqs. 5-7).
+
+One weight set is trained so that its drop view (the Stage-I candidate blocks skipped) matches its
+full view. Each step draws which candidates to skip from a Bernoulli(p); `drop_mode` says whether
+the draw is per block or one draw for the whole set (the paper does not say). The loop keeps to
+plain PyTorch (no autocast tricks, no hooks) so that a DeepSpeed engine can stand in for the model
+and optimiser later.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import flow, synth
+from .config import save_config
+from .models import FlgError, velocity
+from .pretrain import export_model, sample_sigmas
+from .runs import (append_jsonl, ema_update, latest_checkpoint, read_json, resume_train_state, save_train_state,
+                   warmup_cosine, write_json)
+from .surgery import blocks, check_indices, skipping
+
+
+def stage2_loss(v_drop: torch.Tensor, v_full: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                alpha: float) -> tuple[torch.Tensor, dict]:
+    """Eqs. 5-7. All tensors [B, C, F, H, W]; returns (scalar loss, its parts as floats).
+
+    L = a ||v_drop - sg(v_full)||^2 + (1 - a) (||v_drop - (eps - x0)||^2 + ||v_full - (eps - x0)||^2)
+
+    (the paper's target x0 - x1 is a sign slip; diffusers' convention is v ~ eps - x0). With a = 1
+    only the distillation term remains and the full view needs no gradient at all.
+    """
+    target = flow.velocity_target(x0, eps).float()
+    v_drop, v_full = v_drop.float(), v_full.float()
+    distill = (v_drop - v_full.detach()).pow(2).mean()
+    loss = alpha * distill
+    parts = dict(distill=float(distill.detach()))
+    if alpha < 1:
+        train = (v_drop - target).pow(2).mean() + (v_full - target).pow(2).mean()
+        loss = loss + (1 - alpha) * train
+        parts["train"] = float(train.detach())
+    return loss, parts
+
+
+def draw_drop(candidates: list[int], p: float, mode: str, gen: torch.Generator) -> list[int]:
+    """Which candidate blocks the drop view skips this step."""
+    if mode == "per_block":
+        return [c for c, u in zip(candidates, torch.rand(len(candidates), generator=gen)) if u < p]
+    if mode == "whole_set":
+        return list(candidates) if torch.rand(1, generator=gen).item() < p else []
+    raise FlgError(f"drop_mode must be 'whole_set' or 'per_block', got {mode!r}")
+
+
+@dataclass
+class Stage2Config:
+    model: str = "synth-tiny"
+    out: str = "runs/stage2"
+    selection: str | None = None     # a Stage-I selection.json; its "dropped" blocks are the candidates
+    drop: list[int] = field(default_factory=list)  # or the candidate blocks given directly
+    alpha: float = 1.0               # distill weight (Eq. 6); 1 - alpha weighs the ground-truth terms (Eq. 5)
+    p: float = 0.5                   # Bernoulli probability of skipping
+    # whole_set (default): one draw skips all candidates or none. The deployed student skips the whole
+    # set; per_block would show that exact view only p^k of the time for k candidates.
+    drop_mode: str = "whole_set"
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 2e-4
+    warmup: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0           # 0: no EMA
+    precision: str = "fp32"          # fp32 or bf16 (weights and activations cast; the loss is in fp32)
+    cond_dropout: float = 0.1
+    shift: float | None = None       # training sigma shift; None: the model's saved shift
+    seed: int = 0
+    ckpt_every: int = 50
+    log_every: int = 10
+    threads: int = 0
+
+
+def candidate_blocks(cfg: Stage2Config, model) -> list[int]:
+    if cfg.selection and cfg.drop:
+        raise FlgError("give either selection or drop, not both")
+    if cfg.selection:
+        sel = read_json(cfg.selection)
+        n = len(blocks(model))
+        if sorted(sel.get("kept", []) + sel.get("dropped", [])) != list(range(n)):
+            raise FlgError(f"{cfg.selection}: its keep set covers blocks {sorted(sel.get('kept', []) + sel.get('dropped', []))}, "
+                           f"but the model has {n} blocks (0..{n - 1})")
+        return check_indices(model, sel["dropped"], "dropped block index")
+    if not cfg.drop:
+        raise FlgError("no candidate blocks: give selection=<stage1 selection.json> or drop=[...]")
+    return check_indices(model, cfg.drop, "dropped block index")
+
+
+def run_stage2(cfg: Stage2Config) -> dict:
+    from .sampling import load_bundle
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not 0 <= cfg.alpha <= 1:
+        raise FlgError(f"alpha must be in [0, 1], got {cfg.alpha}")
+    if not 0 < cfg.p <= 1:
+        raise FlgError(f"p must be in (0, 1], got {cfg.p}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise FlgError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    draw_drop([], cfg.p, cfg.drop_mode, torch.Generator())  # validates drop_mode before any work
+    bundle = load_bundle(cfg.model)
+    model = bundle.model
+    cands = candidate_blocks(cfg, model)
+    out = Path(cfg.out)
+    if (out / "model" / "flgcore.json").is_file() and latest_checkpoint(out) is not None:
+        st = read_json(out / "metrics.json")
+        if st.get("steps") == cfg.steps:
+            print(f"{out} is finished (steps={cfg.steps}); remove it to re-run")
+            return st
+    save_config(cfg, out)
+    shift = cfg.shift if cfg.shift is not None else bundle.meta.get("shift", 1.0)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    model = model.to(dtype).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
+    step, st = resume_train_state(out, model, opt, sched, {"noise": gen}, np_rng)
+    ema = st.get("ema", ema)
+    kill_at = int(os.environ.get("FLG_TEST_KILL_AT_STEP", "0"))  # tests: SIGKILL ourselves mid-run
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="stage2", dynamic_ncols=True)
+    logs, t0 = [], time.time()
+    while step < cfg.steps:
+        x0, cond = synth.train_batch(bundle.encoder, np_rng, gen, cfg.batch_size, cfg.cond_dropout)
+        eps = torch.randn(x0.shape, generator=gen)
+        s = sample_sigmas(cfg.batch_size, shift, gen)
+        drop = draw_drop(cands, cfg.p, cfg.drop_mode, gen)
+        x_s = flow.add_noise(x0, eps, s)
+        with torch.set_grad_enabled(cfg.alpha < 1):  # alpha = 1: sg(v_full) needs no graph at all
+            v_full = velocity(model, x_s, s, cond)
+        with skipping(model, drop):
+            v_drop = velocity(model, x_s, s, cond)
+        loss, parts = stage2_loss(v_drop, v_full, x0, eps, cfg.alpha)
+        if not torch.isfinite(loss):
+            raise FlgError(f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is kept in "
+                           f"{out}/checkpoints")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step(); sched.step(); step += 1
+        if ema is not None:
+            ema_update(ema, model, cfg.ema_decay, step)
+        logs.append(dict(loss=float(loss), n_dropped=len(drop), **parts))
+        bar.update(1); bar.set_postfix(loss=f"{float(loss):.4f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            row = {k: float(np.mean([l[k] for l in logs if k in l])) for k in logs[-1]}
+            append_jsonl(out / "log.jsonl", dict(step=step, grad_norm=float(gnorm), lr=sched.get_last_lr()[0],
+                                                 sec_per_step=(time.time() - t0) / len(logs), **row))
+            logs, t0 = [], time.time()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_train_state(out, step, model, opt, sched, {"noise": gen}, np_rng, ema)
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+
+    final = model
+    if ema is not None:
+        final.load_state_dict({k: v.to(dtype) for k, v in ema.items()})
+    final = final.float().eval()
+    meta = dict(bundle.meta, kind="stage2", drop=cands, keep=[b.index for b in blocks(model) if b.index not in cands],
+                alpha=cfg.alpha, drop_mode=cfg.drop_mode, trained_steps=step)
+    export_model(final, bundle.encoder, out / "model", meta)
+    metrics = dict(steps=step, candidates=cands, final_loss=json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss"])
+    write_json(out / "metrics.json", metrics)
+    return metrics

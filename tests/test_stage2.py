@@ -1,0 +1,101 @@
+"""Stage II: the loss against Eqs. 5-7, the stop-gradient, kill -9 resume, clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flgcore.evaluate import EvalConfig, run_eval
+from flgcore.models import FlgError, load_transformer
+from flgcore.stage2 import Stage2Config, draw_drop, run_stage2, stage2_loss
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 2, 4, 4, generator=g) for _ in range(4)]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_loss_matches_eqs_5_to_7(alpha):
+    v_drop, v_full, x0, eps = _tensors()
+    target = eps - x0  # diffusers' sign (the paper's x0 - x1 is a slip)
+    distill = ((v_drop - v_full) ** 2).mean()                                   # Eq. 6
+    training = ((v_drop - target) ** 2).mean() + ((v_full - target) ** 2).mean()  # Eq. 5
+    loss, parts = stage2_loss(v_drop, v_full, x0, eps, alpha)
+    torch.testing.assert_close(loss, alpha * distill + (1 - alpha) * training)   # Eq. 7
+    assert parts["distill"] == pytest.approx(float(distill))
+
+
+@pytest.mark.parametrize("alpha,full_gets_grad", [(1.0, False), (0.5, True), (0.0, True)])
+def test_stop_gradient_into_the_full_view(alpha, full_gets_grad):
+    v_drop, v_full, x0, eps = _tensors(1)
+    v_drop.requires_grad_(True)
+    v_full.requires_grad_(True)
+    stage2_loss(v_drop, v_full, x0, eps, alpha)[0].backward()
+    assert (v_full.grad is not None and v_full.grad.abs().sum() > 0) == full_gets_grad
+    assert v_drop.grad.abs().sum() > 0
+
+
+def test_drop_modes():
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_drop([2, 3, 5], 0.5, "whole_set", g) for _ in range(200)]
+    assert {tuple(d) for d in draws} == {(), (2, 3, 5)}
+    draws = [tuple(draw_drop([2, 3, 5], 0.5, "per_block", g)) for _ in range(400)]
+    assert len(set(draws)) == 8  # every subset appears
+    with pytest.raises(FlgError, match="drop_mode"):
+        draw_drop([1], 0.5, "sometimes", g)
+
+
+def _cfg(model, out, **kw):
+    base = dict(model=str(model), out=str(out), drop=[1, 2], steps=4, batch_size=2, ckpt_every=2, log_every=1,
+                warmup=1, seed=3)
+    base.update(kw)
+    return Stage2Config(**base)
+
+
+def test_stage2_trains_the_drop_view_toward_the_full_view(tiny_bundle_dir, tmp_path):
+    m = run_stage2(_cfg(tiny_bundle_dir, tmp_path, steps=6, lr=1e-3))
+    meta = json.loads((tmp_path / "model" / "flgcore.json").read_text())
+    assert meta["drop"] == [1, 2] and meta["keep"] == [0, 3] and meta["kind"] == "stage2"
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and m["steps"] == 6
+    for view in ("drop", "full"):  # flg eval works on both views of the Stage-II model
+        agg = run_eval(EvalConfig(model=str(tmp_path / "model"), out=str(tmp_path / f"eval_{view}"), n=2, steps=2,
+                                  view=view, videos=0))
+        assert agg["dropped_blocks"] == (2 if view == "drop" else 0)
+
+
+def test_kill_minus_9_and_resume_gives_identical_weights(tiny_bundle_dir, tmp_path):
+    run_stage2(_cfg(tiny_bundle_dir, tmp_path / "straight"))
+    cmd = [sys.executable, "-m", "flgcore.cli", "stage2", f"model={tiny_bundle_dir}", f"out={tmp_path / 'killed'}",
+           "drop=[1, 2]", "steps=4", "batch_size=2", "ckpt_every=2", "log_every=1", "warmup=1", "seed=3"]
+    env = dict(os.environ, FLG_TEST_KILL_AT_STEP="3")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not (tmp_path / "killed" / "model").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True)  # the same command again
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stdout
+    a = load_transformer(tmp_path / "straight" / "model" / "transformer").state_dict()
+    b = load_transformer(tmp_path / "killed" / "model" / "transformer").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_bundle_dir, tmp_path):
+    with pytest.raises(FlgError, match=r"non-finite loss .* at step \d+"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path, lr=1e20, grad_clip=1e30, steps=6, ckpt_every=1))
+    assert any((tmp_path / "checkpoints").iterdir())
+
+
+def test_keep_set_that_does_not_match_the_model(tiny_bundle_dir, tmp_path):
+    sel = tmp_path / "selection.json"
+    sel.write_text(json.dumps({"kept": [0, 1, 2, 3, 4, 5], "dropped": [6, 7]}))
+    with pytest.raises(FlgError, match="the model has 4 blocks"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", drop=[], selection=str(sel)))
+    with pytest.raises(FlgError, match="out of range"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", drop=[1, 9]))
+    with pytest.raises(FlgError, match="no candidate blocks"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", drop=[]))
+    assert not (tmp_path / "r").exists()
