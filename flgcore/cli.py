@@ -10,6 +10,37 @@ import sys
 from pathlib import Path
 
 
+STAGES: set[str] = set()
+STAGE_OPTIONS = {"--config", "--export-to", "--help", "-h"}
+
+
+def _as_overrides(args: list[str]) -> list[str]:
+    """Rewrite `--key value` / `--key=value` into `key=value` (keeping a stage's own options), so that
+    `flg eval --model synth-tiny --n 256` and `flg eval model=synth-tiny n=256` mean the same."""
+    from .models import FlgError
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        name = a.split("=", 1)[0]
+        if not a.startswith("--") or name in STAGE_OPTIONS:
+            out.append(a)
+            if name in STAGE_OPTIONS and "=" not in a and i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+            i += 1
+            continue
+        key = name[2:].replace("-", "_")
+        if "=" in a:
+            out.append(f"{key}={a.split('=', 1)[1]}")
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(f"{key}={args[i + 1]}")
+            i += 2
+        else:
+            raise FlgError(f"option {a} needs a value")
+    return out
+
+
 def _ints(text: str) -> list[int]:
     from .models import FlgError
     try:
@@ -121,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_sample)
 
     def stage(name, fn, hlp):
-        s = sub.add_parser(name, help=hlp)
+        STAGES.add(name)
+        s = sub.add_parser(name, help=hlp, description=f"{hlp}. Config keys are given as key=value or --key value.")
         s.add_argument("--config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys for nested sections)")
         s.set_defaults(fn=fn)
@@ -133,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     stage("stage2", cmd_stage2, "Stage II: dynamic probabilistic pruning with self-distillation (resumable)")
     stage("eval", cmd_eval, "SynthBench scores of a model on held-out seeds (or of a folder of clips)")
 
-    a = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in STAGES:
+            argv = argv[:1] + _as_overrides(argv[1:])
+        a = p.parse_args(argv)
         a.fn(a)
     except FlgError as e:
         print(f"flg: error: {e}", file=sys.stderr)

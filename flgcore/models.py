@@ -198,10 +198,18 @@ CALLS = {"wan": _wan_call, "hunyuan": _hunyuan_call}
 
 
 def velocity(model, x: torch.Tensor, s: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """v_theta(x_s, s, c): the model's velocity for noisy latents x [B, C, F, H, W] at sigmas s [B]."""
+    """v_theta(x_s, s, c): the model's velocity for noisy latents x [B, C, F, H, W] at sigmas s [B].
+
+    Real Wan/HunyuanVideo checkpoints predict v. A model whose `flg_prediction` is "x0" (the pixel-space
+    testbed teacher: see pretrain.py) predicts x0 and is converted here, v = (x_s - x0_hat) / s, so that
+    everything downstream works in v alike. Samplers never evaluate at s = 0.
+    """
     dtype = next(model.parameters()).dtype
     t = (s * 1000.0).to(dtype)
-    return CALLS[family_of(model).name](model, x.to(dtype), t, cond).to(x.dtype)
+    out = CALLS[family_of(model).name](model, x.to(dtype), t, cond).to(x.dtype)
+    if getattr(model, "flg_prediction", "velocity") == "x0":
+        out = (x - out) / s.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return out
 
 
 def velocity_cfg(model, x: torch.Tensor, s: torch.Tensor, cond: Cond, null: Cond, scale: float) -> torch.Tensor:

@@ -54,6 +54,11 @@ class PretrainConfig:
     threads: int = 0            # torch CPU threads (0: torch's default)
     sample_steps: int = 50      # sampling defaults saved with the model
     sample_cfg: float = 4.0
+    # "x0" (JiT-style x-prediction, trained with a v-loss whose 1/s is clamped at `min_sigma`) or "velocity".
+    # Pixel-space tokens of 2x4x4 RGB carry 96 noisy values into a 96-wide stream: a v-predicting network
+    # must carry the noise through to cancel it and cannot, which left visible noise in every sample (LOG.md).
+    prediction: str = "x0"
+    min_sigma: float = 0.05
     init_from: str | None = None  # warm start: a model directory (e.g. synth-tiny) whose weights start the run
 
 
@@ -73,6 +78,18 @@ def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Ten
     return flow.shift_sigma(torch.rand(n, generator=generator), shift).float()
 
 
+def pretrain_loss(model, x0, eps, s, cond, min_sigma: float = 0.05) -> torch.Tensor:
+    """Flow-matching v-loss. For an x0-predicting model, v = (x_s - x0_hat) / s with s clamped at
+    `min_sigma` in the loss only (as JiT does), so low-noise samples do not dominate: the loss is then
+    ||(x0_hat - x0) / max(s, min_sigma)||^2."""
+    x_s = flow.add_noise(x0, eps, s)
+    if getattr(model, "flg_prediction", "velocity") == "x0":
+        x0_hat = x_s - s.reshape(-1, 1, 1, 1, 1) * velocity(model, x_s, s, cond)
+        w = s.clamp_min(min_sigma).reshape(-1, 1, 1, 1, 1)
+        return ((x0_hat.float() - x0) / w).pow(2).mean()
+    return torch.nn.functional.mse_loss(velocity(model, x_s, s, cond).float(), flow.velocity_target(x0, eps))
+
+
 def export_model(model, encoder: synth.TextEncoder, out: Path, meta: dict) -> Path:
     """Write a model directory: transformer/ (diffusers), text_encoder/, flgcore.json (sampling defaults)."""
     from .runs import atomic_write_text
@@ -89,7 +106,10 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     save_config(cfg, out)
+    if cfg.prediction not in ("x0", "velocity"):
+        raise FlgError(f"prediction must be 'x0' or 'velocity', got {cfg.prediction!r}")
     model = build_teacher(cfg.arch, cfg.seed).train()
+    model.flg_prediction = cfg.prediction
     if cfg.init_from:
         from .models import load_transformer
         model.load_state_dict(load_transformer(cfg.init_from).state_dict())
@@ -102,14 +122,15 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     step, st = resume_train_state(out, model, opt, sched, {"noise": gen}, np_rng)
     ema = st.get("ema", ema)
 
+    if cfg.steps == 0 and step == 0:  # steps=0 exports the untrained init (a baseline for the metrics)
+        save_train_state(out, 0, model, opt, sched, {"noise": gen}, np_rng, ema)
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", dynamic_ncols=True)
     losses, t0 = [], time.time()
     while step < cfg.steps:
         x0, cond = synth.train_batch(encoder, np_rng, gen, cfg.batch_size, cfg.cond_dropout)
         eps = torch.randn(x0.shape, generator=gen)
         s = sample_sigmas(cfg.batch_size, cfg.shift, gen)
-        v = velocity(model, flow.add_noise(x0, eps, s), s, cond)
-        loss = torch.nn.functional.mse_loss(v.float(), flow.velocity_target(x0, eps))
+        loss = pretrain_loss(model, x0, eps, s, cond, cfg.min_sigma)
         if not torch.isfinite(loss):
             raise FlgError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint kept in {out}/checkpoints")
         opt.zero_grad(set_to_none=True)
@@ -138,7 +159,7 @@ def export_checkpoint(cfg: PretrainConfig, dest: str | Path | None = None) -> di
     st = load_checkpoint(ck)
     model = build_teacher(cfg.arch, cfg.seed)
     model.load_state_dict(st["ema"])
-    meta = dict(family="wan", kind="teacher", shift=cfg.shift, sampler="euler", steps=cfg.sample_steps,
+    meta = dict(family="wan", kind="teacher", prediction=cfg.prediction, shift=cfg.shift, sampler="euler", steps=cfg.sample_steps,
                 cfg_scale=cfg.sample_cfg, frames=synth.FRAMES, size=synth.SIZE, channels=3, trained_steps=st["step"])
     dest = Path(dest) if dest else out / "model"
     export_model(model.eval(), synth.TextEncoder.create(dim=cfg.arch.text_dim), dest, meta)

@@ -93,7 +93,7 @@ def warmup_cosine(opt, warmup: int, steps: int):
     """Linear warm-up, then cosine decay to 0 at `steps` (a LambdaLR: its state is just the step count)."""
     import math
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+        opt, lambda k: min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(1, steps))))
 
 
 @torch.no_grad()

@@ -40,8 +40,10 @@ def model_root(name: str | Path) -> Path:
 
 def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
     root = model_root(name)
-    return Bundle(load_transformer(root / "transformer", device=device), synth.TextEncoder.load(root / "text_encoder"),
-                  json.loads((root / "flgcore.json").read_text()), root)
+    meta = json.loads((root / "flgcore.json").read_text())
+    model = load_transformer(root / "transformer", device=device)
+    model.flg_prediction = meta.get("prediction", "velocity")  # what the raw output means (see models.velocity)
+    return Bundle(model, synth.TextEncoder.load(root / "text_encoder"), meta, root)
 
 
 @dataclass

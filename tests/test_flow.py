@@ -80,3 +80,16 @@ def test_fewstep_sampler_with_exact_x0_predictor_returns_data():
 
 def test_nfe():
     assert flow.nfe(50, 5.0) == 100 and flow.nfe(4, 1.0) == 4
+
+
+def test_x0_predicting_model_is_converted_to_velocity():
+    m = tiny_model("wan-i2v")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 2, 8, 8, generator=g)
+    s = torch.tensor([0.2, 0.7])
+    cond = Cond(text=torch.randn(2, 4, 16, generator=g), image=torch.randn(2, 4, 2, 8, 8, generator=g))
+    with torch.no_grad():
+        raw = velocity(m, x, s, cond)  # default: the raw output is v
+        m.flg_prediction = "x0"        # the same network read as an x0 predictor
+        v = velocity(m, x, s, cond)
+    torch.testing.assert_close(flow.x0_from_velocity(x, s, v), raw, rtol=1e-5, atol=1e-5)

@@ -51,3 +51,13 @@ def test_cli_prune_roundtrip(tmp_path, capsys):
     err = float(out.rsplit("=", 1)[1])
     assert err < 1e-5
     assert main(["blocks", "--model", str(tmp_path / "p")]) == 0
+
+
+def test_stage_options_accept_both_spellings(capsys):
+    from flgcore.cli import _as_overrides
+    assert _as_overrides(["--model", "synth-tiny", "--n=3", "steps=5", "--config", "c.yaml", "--seed-offset", "2"]) == \
+        ["model=synth-tiny", "n=3", "steps=5", "--config", "c.yaml", "seed_offset=2"]
+    assert main(["eval", "--model"]) == 2
+    assert "option --model needs a value" in capsys.readouterr().err
+    assert main(["eval", "--nn", "2"]) == 2
+    assert "unknown config key 'nn'" in capsys.readouterr().err
