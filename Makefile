@@ -38,6 +38,11 @@ demo: $(STAMP)
 	$(FLG) sample --model $(MODEL) --seed 2000000000,2000000001 --out $(DEMO)/samples
 	@echo "== SynthBench table of the teacher on $(DEMO_N) held-out seeds (flg eval ... n=256 for the LOG.md numbers)"
 	$(FLG) eval model=$(MODEL) n=$(DEMO_N) out=$(DEMO)/eval-teacher
+	@echo "== Stage I (quick): block importance and a 70% keep set"
+	$(FLG) stage1 --model $(MODEL) --n 16 --sigmas "[0.3, 0.7]" --retention 0.7 --out $(DEMO)/stage1
+	@echo "== Stage II (quick): dynamic probabilistic pruning, then the drop view's SynthBench table"
+	$(FLG) stage2 --model $(MODEL) --selection $(DEMO)/stage1/selection.json --steps 20 --batch_size 8 --ckpt_every 10 --out $(DEMO)/stage2
+	$(FLG) eval --model $(DEMO)/stage2/model --view drop --n 16 --steps 25 --out $(DEMO)/eval-stage2-drop
 
 clean-demo:
 	rm -rf $(DEMO)
