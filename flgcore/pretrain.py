@@ -8,6 +8,7 @@ scheduler, step and every RNG state; a restarted run continues where the last ch
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,6 @@ def pretrain_loss(model, x0, eps, s, cond, min_sigma: float = 0.05) -> torch.Ten
 def export_model(model, encoder: synth.TextEncoder, out: Path, meta: dict) -> Path:
     """Write a model directory: transformer/ (diffusers), text_encoder/, flgcore.json (sampling defaults)."""
     from .runs import atomic_write_text
-    import json
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "transformer")
     encoder.save(out / "text_encoder")
@@ -163,8 +163,9 @@ def export_checkpoint(cfg: PretrainConfig, dest: str | Path | None = None) -> di
                 cfg_scale=cfg.sample_cfg, frames=synth.FRAMES, size=synth.SIZE, channels=3, trained_steps=st["step"])
     dest = Path(dest) if dest else out / "model"
     export_model(model.eval(), synth.TextEncoder.create(dim=cfg.arch.text_dim), dest, meta)
-    log = [r for r in map(__import__("json").loads, open(out / "log.jsonl")) if r["step"] <= st["step"]] \
-        if (out / "log.jsonl").exists() else []
+    log = []
+    if (out / "log.jsonl").exists():
+        log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["step"] <= st["step"]]
     metrics = dict(steps=st["step"], final_loss=log[-1]["loss"] if log else None, model=str(dest))
     write_json(out / "metrics.json", metrics)
     return metrics
