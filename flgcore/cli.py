@@ -117,6 +117,18 @@ def cmd_stage2(a):
     print(run_stage2(load_config(Stage2Config, a.config, a.overrides)))
 
 
+def cmd_stage3(a):
+    from .config import load_config
+    from .stage3 import Stage3Config, run_stage3
+    print(run_stage3(load_config(Stage3Config, a.config, a.overrides)))
+
+
+def cmd_bench(a):
+    from .bench import BenchConfig, run_bench
+    from .config import load_config
+    run_bench(load_config(BenchConfig, a.config, a.overrides))
+
+
 def cmd_eval(a):
     from .config import load_config
     from .evaluate import EvalConfig, run_eval
@@ -163,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--export-to", help="only export the latest checkpoint's EMA weights to this model directory")
     stage("stage1", cmd_stage1, "Stage I: block importance (Eq. 4 / Eq. 3) and a keep set for a retention")
     stage("stage2", cmd_stage2, "Stage II: dynamic probabilistic pruning with self-distillation (resumable)")
+    stage("stage3", cmd_stage3, "Stage III: distribution matching with well-guided teacher guidance -> few-step pruned student")
+    stage("bench", cmd_bench, "time the teacher (Euler + CFG) against the student (few steps) on the same clips")
     stage("eval", cmd_eval, "SynthBench scores of a model on held-out seeds (or of a folder of clips)")
 
     argv = list(sys.argv[1:] if argv is None else argv)

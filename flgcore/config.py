@@ -48,6 +48,11 @@ def _check(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool) or hint in (int, float) and isinstance(value, bool):
         raise FlgError(f"config key {key!r} must be {hint.__name__}, got {value!r}")
     if isinstance(hint, type) and not isinstance(value, hint):

@@ -1,0 +1,193 @@
+"""Stage III: Eq. 9, the DMD gradient, the frozen real DiT, export round trip, kill -9 resume, bench."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flgcore import flow, synth
+from flgcore.bench import BenchConfig, run_bench
+from flgcore.models import FlgError, load_transformer, velocity
+from flgcore.pretrain import pretrain_loss
+from flgcore.runs import latest_checkpoint, load_checkpoint
+from flgcore.sampling import SampleSpec, load_bundle, sample_batch
+from flgcore.stage3 import (Critics, Stage3Config, dmd_grad, dmd_loss, draw_betas, run_stage3, student_sigmas,
+                            well_guided)
+from flgcore.surgery import blocks, prune, skipping
+
+
+def _v(seed, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 2, 4, 4, generator=g) for _ in range(n)]
+
+
+def test_eq9_against_a_direct_computation():
+    vpc, vpn, vuc = _v(0)
+    b1, b2 = 3.5, 0.25
+    direct = b1 * (vpc - vpn) + b2 * (vuc - vpc) + vpn
+    torch.testing.assert_close(well_guided(vpc, vpn, vuc, b1, b2), direct)
+    # beta2 = 0: plain CFG of the pruned model, whatever the unpruned model says
+    torch.testing.assert_close(well_guided(vpc, vpn, vuc * 100, b1, 0.0), flow.cfg_combine(vpc, vpn, b1))
+    # beta2 = 1: the unpruned model's conditional term replaces the pruned one (exactly it when beta1 = 1)
+    torch.testing.assert_close(well_guided(vpc, vpn, vuc, 1.0, 1.0), vuc)
+    torch.testing.assert_close(well_guided(vpc, vpn, vuc, b1, 1.0), vuc + (b1 - 1) * (vpc - vpn))
+
+
+def test_betas_are_drawn_in_their_ranges():
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([draw_betas(3.5, 0.25, 1.0, 0.1, g) for _ in range(2000)])
+    assert draws[:, 0].min() >= 2.5 and draws[:, 0].max() <= 4.5 and abs(draws[:, 0].mean() - 3.5) < 0.05
+    assert draws[:, 1].min() >= 0.15 and draws[:, 1].max() <= 0.35
+    assert draws[:, 0].max() - draws[:, 0].min() > 1.8  # the jitter is really drawn
+    assert draw_betas(2.0, 0.25, 0.0, 0.0, g) == (2.0, 0.25)
+
+
+def test_dmd_gradient_and_surrogate_loss_identity():
+    x, x0_real, x0_fake = _v(1)
+    x.requires_grad_(True)
+    grad = dmd_grad(x.detach(), x0_real, x0_fake)
+    # per-sample normalisation, as DMD2: each sample divided by its own mean |x - x0_real|
+    for i in range(2):
+        torch.testing.assert_close(grad[i], (x0_fake[i] - x0_real[i]) / (x[i].detach() - x0_real[i]).abs().mean())
+    dmd_loss(x, grad).backward()
+    torch.testing.assert_close(x.grad, grad / x.numel())  # d/dx 0.5 mean (x - sg(x - g))^2 = g / numel
+    # the loss value is half the mean square of the gradient, and zero when fake and real agree
+    assert float(dmd_loss(x, grad)) == pytest.approx(0.5 * float(grad.pow(2).mean()), rel=1e-5)
+    assert float(dmd_loss(x, dmd_grad(x.detach(), x0_real, x0_real))) == 0.0
+
+
+def test_student_sigmas_match_the_diffusers_lcm_scheduler():
+    from diffusers import FlowMatchLCMScheduler
+    assert student_sigmas(4, 1.0) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    sch = FlowMatchLCMScheduler(shift=2.0)
+    sch.set_timesteps(sigmas=[flow.unshift_sigma(s, 2.0) for s in student_sigmas(4, 2.0)])
+    assert sch.sigmas[:-1].tolist() == pytest.approx(student_sigmas(4, 2.0))
+
+
+def _batch(bundle, n=2, seed=0):
+    x0, specs = synth.clips(list(range(seed, seed + n)))
+    cond = synth.make_cond(bundle.encoder, x0, [s.caption for s in specs])
+    g = torch.Generator().manual_seed(seed)
+    return x0, cond, synth.null_cond(bundle.encoder, cond), torch.randn(x0.shape, generator=g), torch.rand(n, generator=g) * 0.8 + 0.1
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_real_dit_is_frozen_and_the_fake_dit_learns(tiny_stage2_dir, mode):
+    bundle = load_bundle(tiny_stage2_dir)
+    model = bundle.model
+    x0, cond, null, eps, s = _batch(bundle)
+    x_s = flow.add_noise(x0, eps, s)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), skipping(model, [1, 2]):
+        v_drop = velocity(model, x_s, s, cond)
+    critics = Critics(model, [1, 2], mode, "pruned", lora_rank=4)
+    torch.testing.assert_close(critics.fake_velocity(x_s, s, cond), v_drop)  # the fake DiT starts as the drop view
+    real_before = critics.real_velocity(x_s, s, cond, null, 3.5, 0.25)
+    assert real_before.grad_fn is None
+    opt = torch.optim.AdamW(critics.fake_parameters(), lr=1e-2)
+    for _ in range(3):
+        with critics.fake_view() as fake:
+            loss = pretrain_loss(fake, x0, eps, s, cond)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora" not in n)
+    after = {k: v for k, v in model.state_dict().items() if "lora" not in k}
+    assert all(torch.equal(base[k.replace("base_layer.", "")], after[k]) for k in after)
+    torch.testing.assert_close(critics.real_velocity(x_s, s, cond, null, 3.5, 0.25), real_before)
+    assert (critics.fake_velocity(x_s, s, cond) - v_drop).abs().max() > 1e-4
+    if mode == "lora":
+        assert critics.fake_model is model  # one copy of the big weights serves all three
+
+
+def _cfg(model, out, **kw):
+    base = dict(model=str(model), out=str(out), steps=4, batch_size=2, fake_updates=2, ckpt_every=2, log_every=1,
+                warmup=1, seed=3, lora_rank=4, student_steps=2, lr=1e-3, fake_lr=1e-3)
+    base.update(kw)
+    return Stage3Config(**base)
+
+
+def test_stage3_exports_a_smaller_student_that_round_trips(tiny_stage2_dir, tmp_path):
+    m = run_stage3(_cfg(tiny_stage2_dir, tmp_path))
+    meta = json.loads((tmp_path / "student" / "flgcore.json").read_text())
+    assert meta["sampler"] == "fewstep" and meta["keep"] == [0, 3] and meta["cfg_scale"] == 1.0
+    assert len(meta["sigmas"]) == 2 and "drop" not in meta
+    assert (tmp_path / "student" / "scheduler" / "scheduler_config.json").is_file()
+    student = load_transformer(tmp_path / "student" / "transformer")
+    assert student.config.num_layers == 2 and len(blocks(student)) == 2
+    # the exported weights are the last checkpoint's student, exactly
+    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    ref = prune(load_bundle(tiny_stage2_dir).model, [0, 3])
+    ref.load_state_dict(ck["model"])
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in ref.state_dict().items())
+    # and it samples with its saved schedule and nothing else
+    b = load_bundle(tmp_path / "student")
+    spec = SampleSpec().resolve(b.meta)
+    assert spec.nfe() == 2
+    x0, specs = synth.clips([5])
+    clip = sample_batch(b, spec, x0[:, :, 0], [specs[0].caption], [5])
+    assert clip.shape == x0.shape and torch.isfinite(clip).all()
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "dmd_loss" in log[0] and "dmd_loss" not in log[1]
+    assert m["memory"]["total_bytes"] > 0
+
+
+def test_lora_mode_holds_less_memory_than_full_copies(tiny_stage2_dir, tmp_path):
+    lora = run_stage3(_cfg(tiny_stage2_dir, tmp_path / "lora", steps=1))["memory"]
+    full = run_stage3(_cfg(tiny_stage2_dir, tmp_path / "full", steps=1, fake="full"))["memory"]
+    assert lora["param_bytes"] < full["param_bytes"] and lora["optimizer_bytes"] < full["optimizer_bytes"]
+
+
+def test_plain_dmd2_and_the_unpruned_teacher_run_from_the_same_code(tiny_stage2_dir, tmp_path):
+    m = run_stage3(_cfg(tiny_stage2_dir, tmp_path / "dmd2", retention=1.0, beta2=0.0, beta2_range=0.0, steps=2))
+    assert m["drop"] == [] and m["retention"] == 1.0
+    assert load_transformer(tmp_path / "dmd2" / "student" / "transformer").config.num_layers == 4
+    m = run_stage3(_cfg(tiny_stage2_dir, tmp_path / "strong", teacher="unpruned", steps=2))
+    assert m["teacher"] == "unpruned" and m["keep"] == [0, 3]
+
+
+def test_kill_minus_9_and_resume_gives_identical_weights(tiny_stage2_dir, tmp_path):
+    run_stage3(_cfg(tiny_stage2_dir, tmp_path / "straight"))
+    cmd = [sys.executable, "-m", "flgcore.cli", "stage3", f"model={tiny_stage2_dir}", f"out={tmp_path / 'killed'}",
+           "steps=4", "batch_size=2", "fake_updates=2", "ckpt_every=2", "log_every=1", "warmup=1", "seed=3",
+           "lora_rank=4", "student_steps=2", "lr=1e-3", "fake_lr=1e-3"]
+    r = subprocess.run(cmd, env=dict(os.environ, FLG_TEST_KILL_AT_STEP="3"), capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stdout
+    a = load_transformer(tmp_path / "straight" / "student" / "transformer").state_dict()
+    b = load_transformer(tmp_path / "killed" / "student" / "transformer").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fa = load_checkpoint(latest_checkpoint(tmp_path / "straight"))["fake"]
+    fb = load_checkpoint(latest_checkpoint(tmp_path / "killed"))["fake"]
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_clear_errors(tiny_stage2_dir, tiny_bundle_dir, tmp_path):
+    with pytest.raises(FlgError, match="teacher must be"):
+        run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", teacher="strongest"))
+    with pytest.raises(FlgError, match="fake must be"):
+        run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", fake="half"))
+    with pytest.raises(FlgError, match="no saved drop set"):
+        run_stage3(_cfg(tiny_bundle_dir, tmp_path / "r"))
+    with pytest.raises(FlgError, match="retention 0.9 does not match"):
+        run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", retention=0.9))
+    with pytest.raises(FlgError, match="sigmas must be decreasing"):
+        run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", sigmas=[0.5, 0.9]))
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_reports_theoretical_and_measured_speedup(tiny_bundle_dir, tiny_stage2_dir, tmp_path):
+    run_stage3(_cfg(tiny_stage2_dir, tmp_path / "s3", steps=1))
+    r = run_bench(BenchConfig(teacher=str(tiny_bundle_dir), student=str(tmp_path / "s3" / "student"),
+                              out=str(tmp_path / "bench"), n=2, repeats=2, warmup=0, teacher_steps=4))
+    t, s = r["teacher"], r["student"]
+    assert t["nfe"] == 8 and s["nfe"] == 2  # 4 Euler steps x (cond + null) vs 2 student steps
+    assert r["theoretical_speedup"] == pytest.approx(8 * t["block_params"] / (2 * s["block_params"]))
+    assert r["measured_speedup"] == pytest.approx(t["sec_per_clip"] / s["sec_per_clip"])
+    assert (tmp_path / "bench" / "bench.csv").is_file()
+    with pytest.raises(FlgError, match="not a few-step student"):
+        run_bench(BenchConfig(teacher=str(tiny_bundle_dir), student=str(tiny_bundle_dir), out=str(tmp_path / "b2")))
