@@ -43,6 +43,13 @@ demo: $(STAMP)
 	@echo "== Stage II (quick): dynamic probabilistic pruning, then the drop view's SynthBench table"
 	$(FLG) stage2 --model $(MODEL) --selection $(DEMO)/stage1/selection.json --steps 20 --batch_size 8 --ckpt_every 10 --out $(DEMO)/stage2
 	$(FLG) eval --model $(DEMO)/stage2/model --view drop --n 16 --steps 25 --out $(DEMO)/eval-stage2-drop
+	@echo "== Stage III (quick): a 4-step student of the kept blocks, its SynthBench table, then the bench table"
+	$(FLG) stage3 --model $(DEMO)/stage2/model --steps 20 --batch_size 8 --ckpt_every 10 --out $(DEMO)/stage3
+	$(FLG) sample --model $(DEMO)/stage3/student --seed 2000000000 --out $(DEMO)/samples-student
+	$(FLG) eval --model $(DEMO)/stage3/student --n $(DEMO_N) --out $(DEMO)/eval-student
+	$(FLG) bench --teacher $(MODEL) --student $(DEMO)/stage3/student --n 8 --repeats 3 --out $(DEMO)/bench
+	@echo "== the block-importance notebook (quick profile) -> $(DEMO)/notebooks/quick/01_block_importance/"
+	$(FLG) notebooks run --profile quick --only 01_block_importance --out $(DEMO)/notebooks
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -129,6 +129,25 @@ def cmd_bench(a):
     run_bench(load_config(BenchConfig, a.config, a.overrides))
 
 
+def cmd_notebooks(a):
+    import yaml
+    from .models import FlgError
+    from .notebooks import run_notebooks
+    params = {}
+    for kv in a.param or []:
+        if "=" not in kv:
+            raise FlgError(f"-p expects key=value, got {kv!r}")
+        k, v = kv.split("=", 1)
+        params[k] = yaml.safe_load(v)
+    status = run_notebooks(a.profile, a.only, params, a.out, a.force)
+    width = max(map(len, status))
+    for name, st in status.items():
+        print(f"{name:<{width}}  {st}")
+    failed = [n for n, st in status.items() if st.startswith("FAILED")]
+    if failed:
+        raise FlgError(f"{len(failed)} notebook(s) failed: {', '.join(failed)} (executed copies under {a.out}/{a.profile}/)")
+
+
 def cmd_eval(a):
     from .config import load_config
     from .evaluate import EvalConfig, run_eval
@@ -178,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     stage("stage3", cmd_stage3, "Stage III: distribution matching with well-guided teacher guidance -> few-step pruned student")
     stage("bench", cmd_bench, "time the teacher (Euler + CFG) against the student (few steps) on the same clips")
     stage("eval", cmd_eval, "SynthBench scores of a model on held-out seeds (or of a folder of clips)")
+
+    s = sub.add_parser("notebooks", help="execute the analysis notebooks with papermill")
+    nsub = s.add_subparsers(dest="action", required=True)
+    r = nsub.add_parser("run", help="run the notebooks in dependency order into runs/notebooks/<profile>/")
+    r.add_argument("--profile", default="quick", choices=["quick", "full"])
+    r.add_argument("--only", action="append", help="a notebook name, e.g. 01_block_importance (repeatable)")
+    r.add_argument("-p", "--param", action="append", help="key=value parameter for every notebook that has it")
+    r.add_argument("--out", default="runs/notebooks")
+    r.add_argument("--force", action="store_true", help="re-execute notebooks that already finished")
+    r.set_defaults(fn=cmd_notebooks)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -51,11 +51,6 @@ def shift_sigma(s: torch.Tensor | float, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def unshift_sigma(s: float, shift: float) -> float:
-    """Inverse of `shift_sigma`: the sigma a diffusers scheduler with `shift` must be given to use s."""
-    return float(s / (shift - (shift - 1) * s))
-
-
 def euler_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     """The teacher's sampling grid: `steps + 1` shifted sigmas from 1 down to 0 (float64)."""
     if steps < 1:

@@ -29,16 +29,20 @@ from .surgery import blocks, check_indices, skipping
 
 
 def stage2_loss(v_drop: torch.Tensor, v_full: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
-                alpha: float) -> tuple[torch.Tensor, dict]:
+                alpha: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Eqs. 5-7. All tensors [B, C, F, H, W]; returns (scalar loss, its parts as floats).
 
     L = a ||v_drop - sg(v_full)||^2 + (1 - a) (||v_drop - (eps - x0)||^2 + ||v_full - (eps - x0)||^2)
 
     (the paper's target x0 - x1 is a sign slip; diffusers' convention is v ~ eps - x0). With a = 1
-    only the distillation term remains and the full view needs no gradient at all.
+    only the distillation term remains and the full view needs no gradient at all. `weight` [B]
+    optionally scales each sample's velocities (see `loss_weight`).
     """
     target = flow.velocity_target(x0, eps).float()
     v_drop, v_full = v_drop.float(), v_full.float()
+    if weight is not None:
+        w = weight.float().reshape(-1, *([1] * (v_drop.dim() - 1)))
+        target, v_drop, v_full = target * w, v_drop * w, v_full * w
     distill = (v_drop - v_full.detach()).pow(2).mean()
     loss = alpha * distill
     parts = dict(distill=float(distill.detach()))
@@ -47,6 +51,15 @@ def stage2_loss(v_drop: torch.Tensor, v_full: torch.Tensor, x0: torch.Tensor, ep
         loss = loss + (1 - alpha) * train
         parts["train"] = float(train.detach())
     return loss, parts
+
+
+def loss_weight(model, s: torch.Tensor, min_sigma: float) -> torch.Tensor | None:
+    """For an x0-predicting model v = (x_s - x0_hat) / s, so a velocity error is an x0 error blown up by
+    1/s^2 at low noise. Scaling velocities by s / max(s, min_sigma) caps that at 1/min_sigma^2, as the
+    teacher was trained (pretrain.pretrain_loss). Real (v-predicting) checkpoints get no weight."""
+    if getattr(model, "flg_prediction", "velocity") != "x0":
+        return None
+    return s / s.clamp_min(min_sigma)
 
 
 def draw_drop(candidates: list[int], p: float, mode: str, gen: torch.Generator) -> list[int]:
@@ -79,6 +92,7 @@ class Stage2Config:
     precision: str = "fp32"          # fp32 or bf16 (weights and activations cast; the loss is in fp32)
     cond_dropout: float = 0.1
     shift: float | None = None       # training sigma shift; None: the model's saved shift
+    min_sigma: float = 0.05          # x0-predicting models only: the loss's 1/s is capped here (see loss_weight)
     seed: int = 0
     ckpt_every: int = 50
     log_every: int = 10
@@ -145,7 +159,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
             v_full = velocity(model, x_s, s, cond)
         with skipping(model, drop):
             v_drop = velocity(model, x_s, s, cond)
-        loss, parts = stage2_loss(v_drop, v_full, x0, eps, cfg.alpha)
+        loss, parts = stage2_loss(v_drop, v_full, x0, eps, cfg.alpha, loss_weight(model, s, cfg.min_sigma))
         if not torch.isfinite(loss):
             raise FlgError(f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is kept in "
                            f"{out}/checkpoints")

@@ -75,12 +75,23 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x.float() - (x - grad).detach().float()).pow(2).mean()
 
 
-def student_sigmas(steps: int, shift: float) -> list[float]:
-    """The student's input sigmas: `steps` points of the teacher's shifted grid from 1 (pure noise) down,
-    e.g. 4 steps at shift 1: [1, 0.75, 0.5, 0.25] (DMD2's 999/749/499/249)."""
+def student_scheduler(steps: int, shift: float):
+    """The diffusers scheduler that samples the student: a FlowMatchLCMScheduler (its step is the student's:
+    predict x0, re-noise to the next sigma) with the teacher's shift, stretched so that the last input sigma
+    is shift(1 / steps), where DMD2's 999/749/499/249 spacing ends. Its `set_timesteps(steps)` gives the
+    student's sigmas, so a diffusers pipeline reproduces the student from `num_inference_steps` alone."""
+    from diffusers import FlowMatchLCMScheduler
     if steps < 1:
         raise FlgError(f"student_steps must be >= 1, got {steps}")
-    return [float(s) for s in flow.euler_sigmas(steps, shift)[:-1]]
+    terminal = float(flow.shift_sigma(1.0 / steps, shift)) if steps > 1 else None
+    return FlowMatchLCMScheduler(shift=shift, shift_terminal=terminal)
+
+
+def student_sigmas(steps: int, shift: float) -> list[float]:
+    """The student's input sigmas, e.g. 4 steps at shift 2: [1, 0.880, 0.700, 0.4]."""
+    sch = student_scheduler(steps, shift)
+    sch.set_timesteps(steps)
+    return [float(s) for s in sch.sigmas[:-1]]
 
 
 def backward_simulate(v_student, noise: torch.Tensor, sigmas: list[float], k: int,
@@ -368,7 +379,7 @@ def run_stage3(cfg: Stage3Config) -> dict:
     bar.close()
 
     meta = dict(bundle.meta, kind="student", sampler="fewstep", sigmas=sigmas, shift=shift, cfg_scale=1.0,
-                pipeline_sigmas=[flow.unshift_sigma(s_, shift) for s_ in sigmas],
+                diffusers_scheduler=sigmas == student_sigmas(len(sigmas), shift),
                 steps=len(sigmas), keep=keep, teacher_blocks=len(blocks(shared)), trained_steps=step,
                 stage3=dict(teacher=cfg.teacher, beta1=cfg.beta1, beta2=cfg.beta2, fake=cfg.fake))
     meta.pop("drop", None)  # the student has no drop view: its blocks are all it has
@@ -382,10 +393,9 @@ def run_stage3(cfg: Stage3Config) -> dict:
 
 def export_student(student, encoder: synth.TextEncoder, out: Path, meta: dict) -> Path:
     """A diffusers model directory of the teacher's class with fewer blocks, plus its schedule:
-    flgcore.json (sigmas, shift) and scheduler/ (a diffusers FlowMatchLCMScheduler, whose step is the
-    student's x0-then-renoise step), so that `flg sample --model <dir>` and a diffusers pipeline with
-    `transformer=` and `scheduler=` from this folder need nothing else."""
-    from diffusers import FlowMatchLCMScheduler
+    flgcore.json (sigmas, shift) and scheduler/ (`student_scheduler`), so that `flg sample --model <dir>`
+    and a diffusers pipeline given `transformer=` and `scheduler=` from this folder and
+    `num_inference_steps=len(sigmas)` need nothing else (custom `sigmas` need the pipeline's `sigmas=`)."""
     export_model(student, encoder, out, meta)
-    FlowMatchLCMScheduler(shift=meta["shift"]).save_pretrained(out / "scheduler")
+    student_scheduler(len(meta["sigmas"]), meta["shift"]).save_pretrained(out / "scheduler")
     return out

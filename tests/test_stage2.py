@@ -99,3 +99,17 @@ def test_keep_set_that_does_not_match_the_model(tiny_bundle_dir, tmp_path):
     with pytest.raises(FlgError, match="no candidate blocks"):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", drop=[]))
     assert not (tmp_path / "r").exists()
+
+
+def test_x0_models_cap_the_low_noise_weight():
+    from flgcore.stage2 import loss_weight
+    v_drop, v_full, x0, eps = _tensors(2)
+    s = torch.tensor([0.01, 0.5])
+    model = torch.nn.Linear(1, 1)
+    assert loss_weight(model, s, 0.05) is None  # v-predicting: Eqs. 5-7 as written
+    model.flg_prediction = "x0"
+    w = loss_weight(model, s, 0.05)
+    torch.testing.assert_close(w, torch.tensor([0.2, 1.0]))
+    loss, _ = stage2_loss(v_drop, v_full, x0, eps, 1.0, w)
+    direct = ((v_drop - v_full) * w.reshape(-1, 1, 1, 1, 1)).pow(2).mean()
+    torch.testing.assert_close(loss, direct)

@@ -13,8 +13,8 @@ from flgcore.models import FlgError, load_transformer, velocity
 from flgcore.pretrain import pretrain_loss
 from flgcore.runs import latest_checkpoint, load_checkpoint
 from flgcore.sampling import SampleSpec, load_bundle, sample_batch
-from flgcore.stage3 import (Critics, Stage3Config, dmd_grad, dmd_loss, draw_betas, run_stage3, student_sigmas,
-                            well_guided)
+from flgcore.stage3 import (Critics, Stage3Config, dmd_grad, dmd_loss, draw_betas, run_stage3, student_scheduler,
+                            student_sigmas, well_guided)
 from flgcore.surgery import blocks, prune, skipping
 
 
@@ -58,12 +58,16 @@ def test_dmd_gradient_and_surrogate_loss_identity():
     assert float(dmd_loss(x, dmd_grad(x.detach(), x0_real, x0_real))) == 0.0
 
 
-def test_student_sigmas_match_the_diffusers_lcm_scheduler():
+def test_student_sigmas_are_the_saved_diffusers_schedulers(tmp_path):
     from diffusers import FlowMatchLCMScheduler
-    assert student_sigmas(4, 1.0) == pytest.approx([1.0, 0.75, 0.5, 0.25])
-    sch = FlowMatchLCMScheduler(shift=2.0)
-    sch.set_timesteps(sigmas=[flow.unshift_sigma(s, 2.0) for s in student_sigmas(4, 2.0)])
-    assert sch.sigmas[:-1].tolist() == pytest.approx(student_sigmas(4, 2.0))
+    sig = student_sigmas(4, 2.0)
+    assert sig[0] == 1.0 and sig[-1] == pytest.approx(float(flow.shift_sigma(0.25, 2.0)))  # DMD2's 249/1000, shifted
+    assert sig == sorted(sig, reverse=True) and len(set(sig)) == 4
+    assert student_sigmas(1, 2.0) == [1.0]
+    student_scheduler(4, 2.0).save_pretrained(tmp_path)
+    sch = FlowMatchLCMScheduler.from_pretrained(tmp_path)
+    sch.set_timesteps(4)  # what a diffusers pipeline does with num_inference_steps=4
+    assert sch.sigmas[:-1].tolist() == pytest.approx(sig)
 
 
 def _batch(bundle, n=2, seed=0):
@@ -110,11 +114,15 @@ def _cfg(model, out, **kw):
 
 
 def test_stage3_exports_a_smaller_student_that_round_trips(tiny_stage2_dir, tmp_path):
+    from diffusers import FlowMatchLCMScheduler
     m = run_stage3(_cfg(tiny_stage2_dir, tmp_path))
     meta = json.loads((tmp_path / "student" / "flgcore.json").read_text())
     assert meta["sampler"] == "fewstep" and meta["keep"] == [0, 3] and meta["cfg_scale"] == 1.0
     assert len(meta["sigmas"]) == 2 and "drop" not in meta
-    assert (tmp_path / "student" / "scheduler" / "scheduler_config.json").is_file()
+    assert meta["diffusers_scheduler"] is True
+    sch = FlowMatchLCMScheduler.from_pretrained(tmp_path / "student" / "scheduler")
+    sch.set_timesteps(len(meta["sigmas"]))
+    assert sch.sigmas[:-1].tolist() == pytest.approx(meta["sigmas"])
     student = load_transformer(tmp_path / "student" / "transformer")
     assert student.config.num_layers == 2 and len(blocks(student)) == 2
     # the exported weights are the last checkpoint's student, exactly

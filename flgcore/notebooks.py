@@ -1,0 +1,86 @@
+"""`flg notebooks run`: execute the analysis notebooks with papermill, in dependency order.
+
+Each notebook runs into `runs/notebooks/<profile>/<name>/` (the executed .ipynb beside the tables and
+figures it writes). A notebook whose executed copy finished with the same parameters is reused; a
+failing one is reported at the end (with its error) and the others still run; the exit status is
+non-zero if any failed. Profiles: `quick` (a 2-core CPU, minutes) and `full` (the testbed at the size
+that reproduces the paper's trends; a GPU is recommended).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .models import FlgError
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+# in dependency order: later notebooks read the runs earlier ones made
+ORDER = ["01_block_importance", "02_stage2_ablations", "03_stage3_ablations", "04_steps_vs_retention",
+         "05_method_comparison"]
+
+# per-profile parameters; the notebooks' own parameters cells hold the quick values
+PROFILES: dict[str, dict[str, dict]] = {
+    "quick": {name: {} for name in ORDER},
+    "full": {
+        "01_block_importance": dict(n=64, sigmas=[0.1, 0.3, 0.5, 0.7, 0.9], retentions=[0.9, 0.8, 0.7, 0.6, 0.5],
+                                    clip_steps=50),
+        "02_stage2_ablations": dict(steps=400, batch_size=16, eval_n=256, eval_steps=50, alphas=[0.0, 0.5, 1.0],
+                                    retentions=[0.8, 0.7, 0.6]),
+        "03_stage3_ablations": dict(steps=400, batch_size=16, eval_n=256, beta1s=[1.0, 2.0, 3.5],
+                                    beta2s=[0.0, 0.25, 1.0]),
+        "04_steps_vs_retention": dict(steps=400, batch_size=16, eval_n=256, student_steps=[1, 2, 4],
+                                      retentions=[1.0, 0.8, 0.7, 0.6]),
+        "05_method_comparison": dict(steps=400, batch_size=16, eval_n=256, bench_n=16, bench_repeats=5),
+    },
+}
+
+
+def parameters_of(path: Path) -> dict:
+    import papermill as pm
+    return {k: v["default"] for k, v in pm.inspect_notebook(str(path)).items()}
+
+
+def _done(executed: Path, params: dict) -> bool:
+    """An executed copy that ran to the end with these parameters."""
+    if not executed.is_file():
+        return False
+    nb = json.loads(executed.read_text())
+    pm = nb.get("metadata", {}).get("papermill", {})
+    return pm.get("parameters") == params and bool(pm.get("end_time")) and not pm.get("exception")
+
+
+def run_notebooks(profile: str = "quick", only: list[str] | None = None, params: dict | None = None,
+                  out: str | Path = "runs/notebooks", force: bool = False) -> dict[str, str]:
+    """Execute the notebooks; returns {name: "ok" | "reused" | error line}."""
+    import papermill as pm
+    if profile not in PROFILES:
+        raise FlgError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    names = ORDER if not only else only
+    unknown = [n for n in names if n not in ORDER]
+    if unknown:
+        raise FlgError(f"unknown notebook(s) {unknown}; known: {ORDER}")
+    status: dict[str, str] = {}
+    for name in tqdm(names, desc=f"notebooks ({profile})", dynamic_ncols=True):
+        src = NOTEBOOK_DIR / f"{name}.ipynb"
+        run_dir = Path(out) / profile / name
+        defaults = parameters_of(src)
+        p = dict(PROFILES[profile].get(name, {}), **(params or {}))
+        p = {k: v for k, v in p.items() if k in defaults}  # -p applies to the notebooks that have the name
+        p.update(out=str(run_dir), figures="figures" if profile == "full" else str(run_dir / "figures"),
+                 runs_root=str(Path(out) / profile))
+        executed = run_dir / f"{name}.ipynb"
+        if not force and _done(executed, p):
+            status[name] = "reused"
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            pm.execute_notebook(str(src), str(executed), parameters=p, kernel_name="python3", progress_bar=False,
+                                cwd=str(Path.cwd()))
+            status[name] = "ok"
+        except Exception as e:  # noqa: BLE001 - any notebook failure is reported, the rest still run
+            line = str(e).strip().splitlines()
+            status[name] = "FAILED: " + (next((l for l in reversed(line) if l.strip()), type(e).__name__))[:300]
+    return status

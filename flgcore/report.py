@@ -1,0 +1,214 @@
+"""Analysis helpers the notebooks call: cached experiment runs, tables and seaborn figures.
+
+Notebooks stay thin (no `def` in a notebook): every computation they show lives here or in a stage
+module. `run(...)` executes a stage once per run folder and reads its metrics afterwards, so that a
+notebook executed again reuses what is finished; `evaluated(...)` does the same for `flg eval`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+from . import flow, synth
+from .config import from_dict, to_dict
+from .runs import read_json
+
+# the paper's Fig. 1 score (mean of dynamic degree, aesthetic and imaging quality), in SynthBench analogues:
+# SynthBench has no aesthetic dimension, so subject_consistency stands in for it
+FIG1_SCORE = ["dynamic_degree", "subject_consistency", "imaging_quality"]
+
+
+def _stage(name: str):
+    from .evaluate import EvalConfig, run_eval
+    from .importance import Stage1Config, run_stage1
+    from .stage2 import Stage2Config, run_stage2
+    from .stage3 import Stage3Config, run_stage3
+    return {"stage1": (Stage1Config, run_stage1), "stage2": (Stage2Config, run_stage2),
+            "stage3": (Stage3Config, run_stage3), "eval": (EvalConfig, run_eval)}[name]
+
+
+def run(stage: str, **fields) -> dict:
+    """Run `stage` (stage1, stage2, stage3, eval) with these config fields unless its run folder already
+    holds a finished run of the same config; returns its metrics.json."""
+    cls, fn = _stage(stage)
+    cfg = from_dict(cls, fields)
+    out = Path(cfg.out)
+    done = out / "metrics.json"
+    if done.is_file() and (out / "config.yaml").is_file():
+        import yaml
+        if yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg):
+            return read_json(done)
+    fn(cfg)
+    return read_json(done)
+
+
+def evaluated(**fields) -> dict:
+    return run("eval", **fields)
+
+
+def scores_table(results: dict[str, dict], keys: list[str] | None = None) -> pd.DataFrame:
+    """One row per named result (SynthBench metrics.json dicts), the dimensions as columns, plus Fig. 1's score."""
+    from .synthbench import DIMENSIONS
+    keys = keys or [*DIMENSIONS, "average", "frechet_distance"]
+    df = pd.DataFrame([{**{k: r.get(k, np.nan) for k in keys}, "nfe": r.get("nfe", np.nan)} for r in results.values()],
+                      index=list(results))
+    df["fig1_score"] = df[FIG1_SCORE].mean(axis=1)
+    return df
+
+
+def save_figure(fig, name: str, run_dir: str | Path, figures: str | Path | None = None) -> list[Path]:
+    """PNG and PDF into the run folder and, if given, into figures/."""
+    paths = []
+    for d in [run_dir] + ([figures] if figures else []):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "pdf"):
+            paths.append(Path(d) / f"{name}.{ext}")
+            fig.savefig(paths[-1], dpi=150, bbox_inches="tight")
+    return paths
+
+
+# ----------------------------------------------------------------------------- block importance
+
+def importance_tables(stage1_run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    run_dir = Path(stage1_run)
+    return pd.read_csv(run_dir / "blocks.csv"), pd.read_csv(run_dir / "importance.csv")
+
+
+def plot_u_curve(by_block: pd.DataFrame, ax=None):
+    """Fig. 4: importance (Eq. 4 error with the block skipped) against block index, with standard errors."""
+    ax = ax or plt.subplots(figsize=(7, 3.2))[1]
+    ax.errorbar(by_block.block, by_block.importance, yerr=by_block.se, fmt="o-", capsize=2)
+    ax.set(xlabel="block index", ylabel="error with the block skipped", title="Block importance (Fig. 4)")
+    return ax.figure
+
+
+def plot_heatmap(by_sigma: pd.DataFrame, ax=None):
+    ax = ax or plt.subplots(figsize=(8, 3))[1]
+    grid = by_sigma.pivot(index="sigma", columns="block", values="mean")
+    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws=dict(label="error"))
+    ax.set(title="Importance per timestep", ylabel="sigma")
+    return ax.figure
+
+
+def scoring_batches_for(bundle, n: int, sigmas: list[float], seed: int, batch_size: int = 16):
+    from .importance import Stage1Config, scoring_batches
+    return list(scoring_batches(Stage1Config(n=n, sigmas=list(sigmas), seed=seed, batch_size=batch_size), bundle.encoder))
+
+
+@torch.no_grad()
+def set_error(model, batches, drop: list[int]) -> float:
+    """Eq. 3 for a whole set: mean squared output error of the view without `drop` against the full model."""
+    from .importance import eq3_error
+    from .models import velocity
+    from .surgery import skipping
+    errs = []
+    for x0, cond, eps, s in batches:
+        x_s = flow.add_noise(x0, eps, s)
+        v_full = velocity(model, x_s, s, cond)
+        with skipping(model, drop):
+            errs.append(eq3_error(velocity(model, x_s, s, cond), v_full))
+    return float(torch.cat(errs).mean())
+
+
+def selection_comparison(bundle, by_block: pd.DataFrame, retentions: list[float], n: int, sigmas: list[float],
+                         seed: int = 1) -> pd.DataFrame:
+    """One-shot ranking vs iterative greedy: the Eq. 3 error of each keep set on fresh draws (seed != Stage I's)."""
+    from .importance import iterative_selection
+    from .surgery import blocks, complement, select_keep
+    model = bundle.model
+    params = [b.params for b in blocks(model)]
+    pick = scoring_batches_for(bundle, n, sigmas, seed=0)
+    held = scoring_batches_for(bundle, n, sigmas, seed=seed)
+    rows = []
+    for r in retentions:
+        keeps = dict(oneshot=select_keep(by_block.sort_values("block").importance.tolist(), params, r),
+                     iterative=iterative_selection(model, pick, r, "eq3", progress=False))
+        for method, keep in keeps.items():
+            rows.append(dict(retention=r, method=method, kept=len(keep), keep=keep,
+                             eq3_error=set_error(model, held, complement(model, keep))))
+    return pd.DataFrame(rows)
+
+
+def skip_explorer(bundle, skip: list[int], seeds: list[int], steps: int = 25, n_err: int = 16,
+                  sigmas: tuple[float, ...] = (0.3, 0.7)):
+    """Skip these blocks: their Eq. 3 error, and clips of the full model beside the skip view (one figure)."""
+    from .sampling import SampleSpec, sample_seeds, to_uint8
+    err = set_error(bundle.model, scoring_batches_for(bundle, n_err, list(sigmas), seed=2), list(skip))
+    views = {}
+    for name, drop in (("full", []), (f"skip {list(skip)}", list(skip))):
+        spec = SampleSpec("euler", steps, None, None, None, drop).resolve(bundle.meta)
+        views[name] = sample_seeds(bundle, spec, list(seeds), progress=False)[0]
+    real = synth.clips(list(seeds))[0]
+    rows = [("real", real), *views.items()]
+    fig, axes = plt.subplots(len(rows), len(seeds), figsize=(3.2 * len(seeds), 1.0 * len(rows) + 0.6), squeeze=False)
+    for i, (name, clips) in enumerate(rows):
+        for j in range(len(seeds)):
+            axes[i, j].imshow(np.concatenate(list(to_uint8(clips[j], 1)), axis=1))
+            axes[i, j].set_xticks([]); axes[i, j].set_yticks([])
+            if j == 0:
+                axes[i, j].set_ylabel(name, rotation=0, ha="right", va="center")
+    fig.suptitle(f"Eq. 3 error of skipping {list(skip)}: {err:.4f}")
+    return err, fig
+
+
+# ----------------------------------------------------------------------------- ablation figures
+
+def plot_table_bars(df: pd.DataFrame, x: str, metrics: list[str], title: str, ax=None):
+    ax = ax or plt.subplots(figsize=(8, 3.2))[1]
+    long = df.rename_axis(x).reset_index().melt(id_vars=[x], value_vars=metrics, var_name="metric", value_name="score")
+    sns.barplot(long, x="metric", y="score", hue=x, ax=ax)
+    ax.set(title=title, ylim=(0, 1.05))
+    ax.tick_params(axis="x", rotation=30)
+    return ax.figure
+
+
+def plot_contour(grid: pd.DataFrame, value: str = "fig1_score", ax=None):
+    """Fig. 1: score over (student steps, retention), with iso-compute lines steps x retention = const."""
+    ax = ax or plt.subplots(figsize=(5.5, 4.2))[1]
+    piv = grid.pivot_table(index="retention", columns="steps", values=value)
+    S, R = np.meshgrid(piv.columns.values.astype(float), piv.index.values.astype(float))
+    if min(piv.shape) >= 2:
+        cs = ax.contourf(S, R, piv.values, levels=12, cmap="viridis")
+        ax.scatter(S, R, c="w", s=8)
+    else:  # a grid one point wide has no contours: show the points
+        cs = ax.scatter(S, R, c=piv.values, cmap="viridis", s=120)
+        ax.margins(0.3)
+    ax.figure.colorbar(cs, ax=ax, label=value)
+    for c in sorted({float(s * r) for s in piv.columns for r in piv.index})[::2]:
+        s_line = np.linspace(S.min(), S.max(), 50)
+        ax.plot(s_line, c / s_line, "w--", lw=0.6)
+    if min(piv.shape) >= 2:
+        ax.set_ylim(R.min(), R.max())
+    ax.set(xlabel="student steps", ylabel="retention (block parameters kept)",
+           title="Steps vs retention (Fig. 1); dashed: equal compute")
+    return ax.figure
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+def drop_for(stage1_run: str | Path, model, retention: float) -> list[int]:
+    """The one-shot drop set for a retention, from a Stage-I run's per-block importance."""
+    from .surgery import blocks, complement, select_keep
+    by_block = pd.read_csv(Path(stage1_run) / "blocks.csv").sort_values("block")
+    keep = select_keep(by_block.importance.tolist(), [b.params for b in blocks(model)], retention)
+    return complement(model, keep)
+
+
+def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_fields: dict,
+          model_subdir: str = "model") -> pd.DataFrame:
+    """Run `stage` once per value of config field `key` (each in out/<key>_<value>), evaluate what it
+    made with `flg eval` (eval_fields: n, steps, view...), and return one SynthBench row per value."""
+    results = {}
+    for v in values:
+        tag = f"{key}_{v}".replace(" ", "").replace("[", "").replace("]", "").replace(",", "-")
+        run_dir = Path(out) / tag
+        run(stage, **dict(base, **{key: v}, out=str(run_dir)))
+        results[v if isinstance(v, (int, float, str)) else str(v)] = evaluated(**dict(eval_fields, model=str(run_dir / model_subdir), out=str(run_dir / "eval")))
+    table = scores_table(results)
+    table.index.name = key
+    return table

@@ -1,0 +1,55 @@
+"""The notebooks: parameters named like config fields, thin (no defs), no outputs, and every one runs."""
+import dataclasses
+import json
+
+import pytest
+
+from flgcore.bench import BenchConfig
+from flgcore.evaluate import EvalConfig
+from flgcore.importance import Stage1Config
+from flgcore.notebooks import NOTEBOOK_DIR, ORDER, PROFILES, parameters_of, run_notebooks
+from flgcore.stage2 import Stage2Config
+from flgcore.stage3 import Stage3Config
+
+FIELDS = {f.name for c in (Stage1Config, Stage2Config, Stage3Config) for f in dataclasses.fields(c)}
+PREFIXED = {"eval_": EvalConfig, "bench_": BenchConfig, "clip_": EvalConfig}
+# notebook-level inputs that are not one config's field: where to write, and which earlier run to read
+NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds"}
+
+
+def named_like_a_field(name: str) -> bool:
+    if name in FIELDS or name in NOTEBOOK_INPUTS:
+        return True
+    if name.endswith("s") and name[:-1] in FIELDS:  # a sweep over that field: alphas, beta2s, retentions
+        return True
+    return any(name.startswith(p) and name[len(p):] in {f.name for f in dataclasses.fields(c)}
+               for p, c in PREFIXED.items())
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_notebook_is_thin_parameterised_and_clean(name):
+    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    params = parameters_of(path)
+    assert params, "no papermill parameters cell"
+    assert [p for p in params if not named_like_a_field(p)] == []
+    assert set(PROFILES["full"][name]) <= set(params)
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "committed with outputs"
+    src = "\n".join("".join(c["source"]) for c in code)
+    assert "def " not in src and "class " not in src
+
+
+TINY = {"n": 4, "sigmas": [0.5], "retentions": [0.7], "clip_steps": 2, "clip_seeds": [2000000000], "steps": 2,
+        "batch_size": 2, "eval_n": 2, "eval_steps": 2, "alphas": [1.0], "drop_modes": ["whole_set"],
+        "beta1s": [3.5], "beta2s": [0.25], "student_steps": [1], "bench_n": 1, "bench_repeats": 1}
+
+
+@pytest.mark.notebooks
+def test_every_notebook_runs_end_to_end(tmp_path):
+    status = run_notebooks("quick", params=TINY, out=tmp_path)
+    assert status == {name: "ok" for name in ORDER}, status
+    assert (tmp_path / "quick" / "01_block_importance" / "block_importance.png").is_file()
+    assert (tmp_path / "quick" / "04_steps_vs_retention" / "grid.csv").is_file()
+    # a second run reuses every finished notebook
+    assert set(run_notebooks("quick", params=TINY, out=tmp_path).values()) == {"reused"}
