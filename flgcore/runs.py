@@ -83,6 +83,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def finished(run_dir: str | Path, artefact: str, steps: int) -> dict | None:
+    """The metrics of a run that already trained `steps` steps and exported `artefact`, else None."""
+    out = Path(run_dir)
+    if not (out / artefact / "flgcore.json").is_file() or latest_checkpoint(out) is None:
+        return None
+    st = read_json(out / "metrics.json")
+    if st.get("steps") != steps:
+        return None
+    print(f"{out} is finished (steps={steps}); remove it to re-run")
+    return st
+
+
 def load_checkpoint(path: str | Path) -> dict:
     return torch.load(Path(path) / "state.pt", weights_only=False)
 

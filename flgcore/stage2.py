@@ -23,7 +23,7 @@ from . import flow, synth
 from .config import save_config
 from .models import FlgError, velocity
 from .pretrain import export_model, sample_sigmas
-from .runs import (append_jsonl, ema_update, latest_checkpoint, read_json, resume_train_state, save_train_state,
+from .runs import (append_jsonl, ema_update, finished, read_json, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
 from .surgery import blocks, check_indices, skipping
 
@@ -129,11 +129,8 @@ def run_stage2(cfg: Stage2Config) -> dict:
     model = bundle.model
     cands = candidate_blocks(cfg, model)
     out = Path(cfg.out)
-    if (out / "model" / "flgcore.json").is_file() and latest_checkpoint(out) is not None:
-        st = read_json(out / "metrics.json")
-        if st.get("steps") == cfg.steps:
-            print(f"{out} is finished (steps={cfg.steps}); remove it to re-run")
-            return st
+    if (done := finished(out, "model", cfg.steps)) is not None:
+        return done
     save_config(cfg, out)
     shift = cfg.shift if cfg.shift is not None else bundle.meta.get("shift", 1.0)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -169,8 +166,8 @@ def run_stage2(cfg: Stage2Config) -> dict:
         opt.step(); sched.step(); step += 1
         if ema is not None:
             ema_update(ema, model, cfg.ema_decay, step)
-        logs.append(dict(loss=float(loss), n_dropped=len(drop), **parts))
-        bar.update(1); bar.set_postfix(loss=f"{float(loss):.4f}")
+        logs.append(dict(loss=loss.item(), n_dropped=len(drop), **parts))
+        bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = {k: float(np.mean([l[k] for l in logs if k in l])) for k in logs[-1]}
             append_jsonl(out / "log.jsonl", dict(step=step, grad_norm=float(gnorm), lr=sched.get_last_lr()[0],

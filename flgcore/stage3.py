@@ -30,7 +30,7 @@ from . import flow, synth
 from .config import save_config
 from .models import FlgError, cat_conds, velocity
 from .pretrain import export_model, pretrain_loss
-from .runs import (append_jsonl, latest_checkpoint, read_json, resume_train_state, save_train_state,
+from .runs import (append_jsonl, finished, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
 from .surgery import blocks, check_indices, complement, prune, retention_of, skipping
 
@@ -282,11 +282,8 @@ def run_stage3(cfg: Stage3Config) -> dict:
     drop = resolve_drop(cfg, shared, bundle.meta)
     keep = complement(shared, drop)
     out = Path(cfg.out)
-    if (out / "student" / "flgcore.json").is_file() and latest_checkpoint(out) is not None:
-        st = read_json(out / "metrics.json")
-        if st.get("steps") == cfg.steps:
-            print(f"{out} is finished (steps={cfg.steps}); remove it to re-run")
-            return st
+    if (done := finished(out, "student", cfg.steps)) is not None:
+        return done
     save_config(cfg, out)
     shift = cfg.shift if cfg.shift is not None else bundle.meta.get("shift", 1.0)
     sigmas = list(cfg.sigmas) if cfg.sigmas else student_sigmas(cfg.student_steps, shift)
@@ -344,7 +341,7 @@ def run_stage3(cfg: Stage3Config) -> dict:
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step(); sched.step()
-            row.update(dmd_loss=float(loss), dmd_grad=float(grad.abs().mean()), student_grad_norm=float(gnorm),
+            row.update(dmd_loss=loss.item(), dmd_grad=float(grad.abs().mean()), student_grad_norm=float(gnorm),
                        beta1=b1, beta2=b2)
 
         # fake DiT: flow matching on the student's (detached) outputs, the distribution it must track
@@ -362,9 +359,9 @@ def run_stage3(cfg: Stage3Config) -> dict:
         fake_opt.step(); fake_sched.step(); step += 1
         if memory is None:  # optimiser states exist after the first step
             memory = state_bytes([shared, student, critics.fake_model], [opt, fake_opt])
-        row["fake_loss"] = float(fake_loss)
+        row["fake_loss"] = fake_loss.item()
         logs.append(row)
-        bar.update(1); bar.set_postfix(fake=f"{float(fake_loss):.4f}")
+        bar.update(1); bar.set_postfix(fake=f"{fake_loss.item():.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             keys = {k for r in logs for k in r}
             mean = {k: float(np.mean([r[k] for r in logs if k in r])) for k in sorted(keys)}
