@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import flow, synth
 from .config import save_config
+from .data import LatentCache
 from .models import FlgError, family_of, velocity
 from .runs import write_json
 from .surgery import blocks, check_retention, retention_of, select_keep, skipping
@@ -127,7 +128,8 @@ def count_block_calls(model):
 
 @dataclass
 class Stage1Config:
-    model: str = "synth-tiny"
+    model: str = "synth-tiny"       # a flgcore model, or a diffusers transformer/pipeline directory
+    data: str = "synth"              # "synth" (SynthMotion) or a latent cache folder (see data.py)
     out: str = "runs/stage1"
     n: int = 64                   # clips scored (training distribution)
     batch_size: int = 16
@@ -140,13 +142,21 @@ class Stage1Config:
     threads: int = 0
 
 
-def scoring_batches(cfg: Stage1Config, encoder: synth.TextEncoder):
-    """(x0, cond, eps, s) batches: every block sees the same draws (common random numbers)."""
+def scoring_batches(cfg: Stage1Config, encoder: synth.TextEncoder | None):
+    """(x0, cond, eps, s) batches: every block sees the same draws (common random numbers).
+    From SynthMotion (data="synth") or the first n clips of a latent cache."""
     rng = np.random.default_rng(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    for start in range(0, cfg.n, cfg.batch_size):
-        x0, specs = synth.clips(synth.train_seeds(rng, min(cfg.batch_size, cfg.n - start)))
-        cond = synth.make_cond(encoder, x0, [sp.caption for sp in specs])
+    cache = None if cfg.data == "synth" else LatentCache(cfg.data)
+    n = cfg.n if cache is None else min(cfg.n, len(cache))
+    if cache is None and encoder is None:
+        raise FlgError("data=synth needs a flgcore model with a text encoder; give data=<latent cache folder>")
+    for start in range(0, n, cfg.batch_size):
+        if cache is not None:
+            x0, cond = cache.items(range(start, min(start + cfg.batch_size, n)))
+        else:
+            x0, specs = synth.clips(synth.train_seeds(rng, min(cfg.batch_size, n - start)))
+            cond = synth.make_cond(encoder, x0, [sp.caption for sp in specs])
         for sig in cfg.sigmas:
             yield x0, cond, torch.randn(x0.shape, generator=g), torch.full((len(x0),), float(sig))
 

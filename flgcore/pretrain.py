@@ -91,12 +91,14 @@ def pretrain_loss(model, x0, eps, s, cond, min_sigma: float = 0.05) -> torch.Ten
     return torch.nn.functional.mse_loss(velocity(model, x_s, s, cond).float(), flow.velocity_target(x0, eps))
 
 
-def export_model(model, encoder: synth.TextEncoder, out: Path, meta: dict) -> Path:
-    """Write a model directory: transformer/ (diffusers), text_encoder/, flgcore.json (sampling defaults)."""
+def export_model(model, encoder: synth.TextEncoder | None, out: Path, meta: dict) -> Path:
+    """Write a model directory: transformer/ (diffusers), text_encoder/ (the testbed's; none for a real
+    checkpoint, whose text encoder stays in its pipeline), flgcore.json (sampling defaults)."""
     from .runs import atomic_write_text
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "transformer")
-    encoder.save(out / "text_encoder")
+    if encoder is not None:
+        encoder.save(out / "text_encoder")
     atomic_write_text(out / "flgcore.json", json.dumps(meta, indent=2) + "\n")
     return out
 

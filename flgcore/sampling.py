@@ -24,7 +24,7 @@ from .surgery import skipping
 class Bundle:
     """A loaded model directory: the transformer, its text encoder and its sampling metadata."""
     model: torch.nn.Module
-    encoder: synth.TextEncoder
+    encoder: synth.TextEncoder | None  # None for a plain diffusers checkpoint (train it from a latent cache)
     meta: dict
     root: Path
 
@@ -39,7 +39,18 @@ def model_root(name: str | Path) -> Path:
 
 
 def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
-    root = model_root(name)
+    """A flgcore model directory, or a plain diffusers transformer/pipeline directory (no text encoder;
+    v-prediction; the shift of its pipeline's scheduler if there is one)."""
+    try:
+        root = model_root(name)
+    except FlgError:
+        from .models import family_of, resolve_model_dir
+        tdir = resolve_model_dir(name)
+        model = load_transformer(tdir, device=device)
+        sched = tdir.parent / "scheduler" / "scheduler_config.json"
+        shift = json.loads(sched.read_text()).get("shift", 1.0) if sched.is_file() else 1.0
+        meta = dict(family=family_of(model).name, kind="diffusers", prediction="velocity", shift=shift)
+        return Bundle(model, None, meta, tdir)
     meta = json.loads((root / "flgcore.json").read_text())
     model = load_transformer(root / "transformer", device=device)
     model.flg_prediction = meta.get("prediction", "velocity")  # what the raw output means (see models.velocity)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import flow, synth
+from . import flow
+from .data import training_source
 from .config import save_config
 from .models import FlgError, velocity
 from .pretrain import export_model, sample_sigmas
@@ -73,7 +74,8 @@ def draw_drop(candidates: list[int], p: float, mode: str, gen: torch.Generator) 
 
 @dataclass
 class Stage2Config:
-    model: str = "synth-tiny"
+    model: str = "synth-tiny"       # a flgcore model, or a diffusers transformer/pipeline directory
+    data: str = "synth"              # "synth" (SynthMotion) or a latent cache folder (see data.py)
     out: str = "runs/stage2"
     selection: str | None = None     # a Stage-I selection.json; its "dropped" blocks are the candidates
     drop: list[int] = field(default_factory=list)  # or the candidate blocks given directly
@@ -128,6 +130,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
     bundle = load_bundle(cfg.model)
     model = bundle.model
     cands = candidate_blocks(cfg, model)
+    source = training_source(cfg.data, bundle.encoder)
     out = Path(cfg.out)
     if (done := finished(out, "model", cfg.steps)) is not None:
         return done
@@ -147,7 +150,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, desc="stage2", dynamic_ncols=True)
     logs, t0 = [], time.time()
     while step < cfg.steps:
-        x0, cond = synth.train_batch(bundle.encoder, np_rng, gen, cfg.batch_size, cfg.cond_dropout)
+        x0, cond = source(np_rng, gen, cfg.batch_size, cfg.cond_dropout)
         eps = torch.randn(x0.shape, generator=gen)
         s = sample_sigmas(cfg.batch_size, shift, gen)
         drop = draw_drop(cands, cfg.p, cfg.drop_mode, gen)

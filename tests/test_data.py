@@ -1,0 +1,63 @@
+"""Cached latents: Stages I and II train a plain diffusers checkpoint from a latent cache folder."""
+import pytest
+import torch
+
+from flgcore.data import LatentCache, write_item
+from flgcore.importance import Stage1Config, run_stage1
+from flgcore.models import FlgError, load_transformer, probe_inputs, tiny_model
+from flgcore.stage2 import Stage2Config, run_stage2
+
+
+def _checkpoint_and_cache(kind, tmp_path, n=4):
+    model = tiny_model(kind)
+    model.save_pretrained(tmp_path / "ckpt" / "transformer")  # a pipeline-style folder: <dir>/transformer
+    cache = tmp_path / "cache"
+    for i in range(n):
+        x, _, cond = probe_inputs(model, batch=1, seed=i)
+        item = dict(latents=x[0], prompt_embeds=cond.text[0])
+        if cond.image is not None:
+            item["image_latents"] = cond.image[0]
+        if kind.startswith("hunyuan"):
+            item.update(prompt_mask=torch.ones(cond.text.shape[1]), pooled=torch.randn(model.config.pooled_projection_dim))
+        write_item(cache / f"clip_{i:03d}.safetensors", **item)
+    null = dict(prompt_embeds=torch.zeros_like(cond.text[0]))
+    if kind.startswith("hunyuan"):
+        null.update(prompt_mask=torch.ones(cond.text.shape[1]), pooled=torch.zeros(model.config.pooled_projection_dim))
+    write_item(cache / "null.safetensors", **null)
+    return model, tmp_path / "ckpt", cache
+
+
+@pytest.mark.parametrize("kind", ["wan-i2v", "hunyuan-i2v"])
+def test_stages_1_and_2_run_on_a_diffusers_checkpoint_from_cached_latents(kind, tmp_path):
+    model, ckpt, cache = _checkpoint_and_cache(kind, tmp_path)
+    n_blocks = sum(1 for _ in model.modules() if type(_).__name__.endswith("TransformerBlock"))
+    m1 = run_stage1(Stage1Config(model=str(ckpt), data=str(cache), out=str(tmp_path / "s1"), n=4, batch_size=2,
+                                 sigmas=[0.5], retention=0.7, compare_naive=False))
+    assert m1["blocks"] == n_blocks
+    run_stage2(Stage2Config(model=str(ckpt), data=str(cache), out=str(tmp_path / "s2"), selection=str(tmp_path / "s1" / "selection.json"),
+                            steps=2, batch_size=2, warmup=1, cond_dropout=0.5))
+    out = tmp_path / "s2" / "model"
+    assert (out / "flgcore.json").is_file() and not (out / "text_encoder").exists()
+    trained = load_transformer(out / "transformer")
+    assert type(trained) is type(model)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
+
+
+def test_cache_condition_dropout_uses_the_null_prompt(tmp_path):
+    import numpy as np
+    _, _, cache = _checkpoint_and_cache("wan-i2v", tmp_path)
+    c = LatentCache(cache)
+    x0, cond = c.train_batch(np.random.default_rng(0), torch.Generator().manual_seed(0), 8, cond_dropout=1.0)
+    assert x0.shape[0] == 8 and cond.image is not None
+    assert cond.text.abs().sum() == 0  # every prompt replaced by the (zero) null embedding
+
+
+def test_clear_errors_for_bad_caches(tmp_path):
+    model, ckpt, cache = _checkpoint_and_cache("wan-i2v", tmp_path)
+    (cache / "null.safetensors").unlink()
+    with pytest.raises(FlgError, match="null.safetensors"):
+        LatentCache(cache)
+    with pytest.raises(FlgError, match="no such folder"):
+        LatentCache(tmp_path / "nope")
+    with pytest.raises(FlgError, match="data=synth needs"):
+        run_stage2(Stage2Config(model=str(ckpt), out=str(tmp_path / "s2"), drop=[1], steps=1))
