@@ -67,6 +67,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         clips, specs = load_clip_folder(cfg.clips)
     else:
         bundle = load_bundle(cfg.model)
+        if bundle.encoder is None:
+            raise FlgError(f"{cfg.model} is a plain diffusers checkpoint: SynthBench samples need a flgcore model "
+                           f"with its text encoder (synth-tiny or a stage output)")
         if cfg.view not in ("full", "drop"):
             raise FlgError(f"view must be 'full' or 'drop', got {cfg.view!r}")
         if cfg.view == "drop" and "drop" not in bundle.meta:

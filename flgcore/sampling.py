@@ -45,7 +45,11 @@ def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
         root = model_root(name)
     except FlgError:
         from .models import family_of, resolve_model_dir
-        tdir = resolve_model_dir(name)
+        try:
+            tdir = resolve_model_dir(name)
+        except FlgError:
+            raise FlgError(f"{name}: not a flgcore model directory (transformer/, text_encoder/, flgcore.json) nor a "
+                           f"diffusers transformer or pipeline directory") from None
         model = load_transformer(tdir, device=device)
         sched = tdir.parent / "scheduler" / "scheduler_config.json"
         shift = json.loads(sched.read_text()).get("shift", 1.0) if sched.is_file() else 1.0
