@@ -16,7 +16,7 @@ import torch
 from . import synth, synthbench
 from .config import save_config
 from .models import FlgError
-from .runs import write_json
+from .runs import setup_torch, write_json
 from .sampling import SampleSpec, load_bundle, sample_seeds, save_video
 
 
@@ -37,6 +37,7 @@ class EvalConfig:
     clips: str | None = None      # evaluate saved clips (a folder of .npz from `flg sample`) instead
     videos: int = 4               # sample videos written into the run folder
     threads: int = 0
+    device: str = "cpu"           # "cuda": sample on a GPU (the analysis stays on the CPU)
 
 
 def format_scores(agg: dict) -> str:
@@ -57,8 +58,7 @@ def load_clip_folder(folder: str | Path) -> tuple[torch.Tensor, list[synth.ClipS
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    setup_torch(cfg.threads, cfg.device)
     if cfg.n < 1:
         raise FlgError(f"n must be >= 1, got {cfg.n}")
     out = Path(cfg.out)
@@ -66,7 +66,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.clips:
         clips, specs = load_clip_folder(cfg.clips)
     else:
-        bundle = load_bundle(cfg.model)
+        bundle = load_bundle(cfg.model, device=cfg.device)
         if bundle.encoder is None:
             raise FlgError(f"{cfg.model} is a plain diffusers checkpoint: SynthBench samples need a flgcore model "
                            f"with its text encoder (synth-tiny or a stage output)")

@@ -102,7 +102,7 @@ def fewstep_sample(velocity: Velocity, noise: torch.Tensor, sigmas: Sequence[flo
         s_vec = torch.full((x.shape[0],), float(s), dtype=x.dtype, device=x.device)
         x0 = x0_from_velocity(x, s_vec, velocity(x, s_vec))
         if k + 1 < len(sigmas):
-            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # CPU stream on any device
             x = add_noise(x0, eps, torch.full_like(s_vec, float(sigmas[k + 1])))
     return x0
 

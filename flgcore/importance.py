@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from . import flow, synth
 from .config import save_config
 from .data import LatentCache
-from .models import FlgError, family_of, velocity
-from .runs import write_json
+from .models import FlgError, family_of, to_device, velocity
+from .runs import setup_torch, write_json
 from .surgery import blocks, check_retention, retention_of, select_keep, skipping
 
 
@@ -140,6 +140,7 @@ class Stage1Config:
     seed: int = 0
     compare_naive: bool = True    # time one batch the naive way too and check the scores agree
     threads: int = 0
+    device: str = "cpu"           # "cuda": score on a GPU (the draws stay on the CPU)
 
 
 def scoring_batches(cfg: Stage1Config, encoder: synth.TextEncoder | None):
@@ -226,8 +227,7 @@ def plot_importance(summary: pd.DataFrame, path: Path, title: str = "Block impor
 
 def run_stage1(cfg: Stage1Config) -> dict:
     from .sampling import load_bundle
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    setup_torch(cfg.threads, cfg.device)
     if cfg.method not in ("oneshot", "iterative"):
         raise FlgError(f"method must be 'oneshot' or 'iterative', got {cfg.method!r}")
     if cfg.objective not in ("eq4", "eq3"):
@@ -236,10 +236,10 @@ def run_stage1(cfg: Stage1Config) -> dict:
     if not cfg.sigmas or not all(0 < s <= 1 for s in cfg.sigmas):
         raise FlgError(f"sigmas must be a non-empty list in (0, 1], got {cfg.sigmas}")
     out = Path(cfg.out)
-    bundle = load_bundle(cfg.model)
+    bundle = load_bundle(cfg.model, device=cfg.device)
     model = bundle.model
     save_config(cfg, out)
-    batches = list(scoring_batches(cfg, bundle.encoder))
+    batches = [to_device(cfg.device, *b) for b in scoring_batches(cfg, bundle.encoder)]
     metrics: dict = {}
 
     if cfg.compare_naive:  # the cost claim, measured on the first batch: same scores, fewer block evaluations

@@ -149,6 +149,13 @@ class Cond:
         return replace(self, text=other.text, text_mask=other.text_mask, pooled=other.pooled)
 
 
+def to_device(device, *xs):
+    """Move tensors and Conds to `device`. Training data and noise are drawn on the CPU, so a run's random
+    stream is the same on every device; only the arithmetic moves."""
+    out = [x.map(lambda t: t.to(device)) if isinstance(x, Cond) else x.to(device) for x in xs]
+    return out[0] if len(out) == 1 else out
+
+
 def cat_conds(conds: list[Cond]) -> Cond:
     """Concatenate conditions along the batch (e.g. cond + null for one batched CFG forward)."""
     first = conds[0]

@@ -3,8 +3,9 @@
 Plain flow matching (v-target, eps - x0) with Wan-I2V-style conditioning: the noisy clip, a
 first-frame mask and the first frame are concatenated on channels; the caption goes through
 cross-attention. The caption is dropped for `cond_dropout` of the samples so that the model also
-learns the null condition used by CFG. Resumable: checkpoints carry model, EMA, optimizer,
-scheduler, step and every RNG state; a restarted run continues where the last checkpoint left off.
+learns the null condition used by CFG. Batch i (clips, caption dropout, noise, sigmas) is a pure function of
+(seed, i), so DataLoader workers can render ahead and a restarted run continues from its last checkpoint
+(model, EMA, optimizer, scheduler, step) with exactly the batches it would have seen.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from tqdm.auto import tqdm
 
 from . import flow, synth
 from .config import save_config
-from .models import FlgError, velocity
-from .runs import (append_jsonl, ema_update, latest_checkpoint, load_checkpoint, resume_train_state,
+from .models import FlgError, to_device, velocity
+from .runs import (setup_torch, append_jsonl, ema_update, latest_checkpoint, load_checkpoint, resume_train_state,
                    save_train_state, warmup_cosine, write_json)
 
 
@@ -53,6 +54,8 @@ class PretrainConfig:
     ckpt_every: int = 100
     log_every: int = 10
     threads: int = 0            # torch CPU threads (0: torch's default)
+    device: str = "cpu"         # "cuda" trains the same run on a GPU (data is still drawn on the CPU)
+    workers: int = 0            # DataLoader processes rendering SynthMotion batches ahead (a GPU outpaces one core)
     sample_steps: int = 50      # sampling defaults saved with the model
     sample_cfg: float = 4.0
     # "x0" (JiT-style x-prediction, trained with a v-loss whose 1/s is clamped at `min_sigma`) or "velocity".
@@ -77,6 +80,22 @@ def build_teacher(arch: TeacherArch, seed: int = 0):
 def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """Training sigmas: uniform, pushed through the same shift the sampler uses."""
     return flow.shift_sigma(torch.rand(n, generator=generator), shift).float()
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Batch i = (x0, cond, eps, s), a pure function of (seed, i)."""
+
+    def __init__(self, encoder: synth.TextEncoder, seed: int, batch_size: int, cond_dropout: float, shift: float):
+        self.encoder, self.seed, self.batch_size, self.cond_dropout, self.shift = encoder, seed, batch_size, cond_dropout, shift
+
+    def __len__(self) -> int:
+        return 2 ** 31
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, i])
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        x0, cond = synth.train_batch(self.encoder, rng, gen, self.batch_size, self.cond_dropout)
+        return x0, cond, torch.randn(x0.shape, generator=gen), sample_sigmas(self.batch_size, self.shift, gen)
 
 
 def pretrain_loss(model, x0, eps, s, cond, min_sigma: float = 0.05) -> torch.Tensor:
@@ -104,8 +123,7 @@ def export_model(model, encoder: synth.TextEncoder | None, out: Path, meta: dict
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    setup_torch(cfg.threads, cfg.device)
     out = Path(cfg.out)
     save_config(cfg, out)
     if cfg.prediction not in ("x0", "velocity"):
@@ -115,23 +133,23 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     if cfg.init_from:
         from .models import load_transformer
         model.load_state_dict(load_transformer(cfg.init_from).state_dict())
+    model.to(cfg.device)
     encoder = synth.TextEncoder.create(dim=cfg.arch.text_dim)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    np_rng = np.random.default_rng(cfg.seed)
-    step, st = resume_train_state(out, model, opt, sched, {"noise": gen}, np_rng)
-    ema = st.get("ema", ema)
+    step, st = resume_train_state(out, model, opt, sched, {}, np.random.default_rng(0))
+    ema = {k: v.to(cfg.device) for k, v in st.get("ema", ema).items()}
 
     if cfg.steps == 0 and step == 0:  # steps=0 exports the untrained init (a baseline for the metrics)
-        save_train_state(out, 0, model, opt, sched, {"noise": gen}, np_rng, ema)
+        save_train_state(out, 0, model, opt, sched, {}, np.random.default_rng(0), ema)
+    batches = torch.utils.data.DataLoader(
+        TrainBatches(encoder, cfg.seed, cfg.batch_size, cfg.cond_dropout, cfg.shift), batch_size=None,
+        sampler=range(step, cfg.steps), num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", dynamic_ncols=True)
     losses, t0 = [], time.time()
-    while step < cfg.steps:
-        x0, cond = synth.train_batch(encoder, np_rng, gen, cfg.batch_size, cfg.cond_dropout)
-        eps = torch.randn(x0.shape, generator=gen)
-        s = sample_sigmas(cfg.batch_size, cfg.shift, gen)
+    for x0, cond, eps, s in batches:
+        x0, cond, eps, s = to_device(cfg.device, x0, cond, eps, s)
         loss = pretrain_loss(model, x0, eps, s, cond, cfg.min_sigma)
         if not torch.isfinite(loss):
             raise FlgError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint kept in {out}/checkpoints")
@@ -147,7 +165,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                                                  lr=sched.get_last_lr()[0], sec_per_step=(time.time() - t0) / len(losses)))
             losses, t0 = [], time.time()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_train_state(out, step, model, opt, sched, {"noise": gen}, np_rng, ema)
+            save_train_state(out, step, model, opt, sched, {}, np.random.default_rng(0), ema)
     bar.close()
     return export_checkpoint(cfg)
 

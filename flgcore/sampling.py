@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import flow, synth
-from .models import BUILTIN, FlgError, load_transformer, velocity_cfg
+from .models import BUILTIN, FlgError, load_transformer, to_device, velocity_cfg
 from .surgery import skipping
 
 
@@ -105,6 +105,7 @@ def sample_batch(bundle: Bundle, spec: SampleSpec, first_frames: torch.Tensor, c
     cond = synth.make_cond(enc, ref, captions)
     null = synth.null_cond(enc, cond)
     noise = clip_noise(seeds, ref.shape[1:])
+    cond, null, noise = to_device(next(model.parameters()).device, cond, null, noise)
     v = lambda x, s: velocity_cfg(model, x, s, cond, null, spec.cfg_scale)
     with torch.no_grad(), skipping(model, spec.drop):
         if spec.sampler == "euler":
@@ -112,7 +113,7 @@ def sample_batch(bundle: Bundle, spec: SampleSpec, first_frames: torch.Tensor, c
         else:
             x = flow.fewstep_sample(v, noise, spec.sigmas, generator=torch.Generator().manual_seed(int(seeds[0]) + 104729))
     # frame 0 is generated too (as in Wan 2.1 I2V), so i2v_subject measures how well the model keeps the image
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1).cpu()
 
 
 def sample_seeds(bundle: Bundle, spec: SampleSpec, seeds: list[int], batch_size: int = 32,

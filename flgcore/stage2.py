@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from . import flow
 from .data import training_source
 from .config import save_config
-from .models import FlgError, velocity
+from .models import FlgError, to_device, velocity
 from .pretrain import export_model, sample_sigmas
-from .runs import (append_jsonl, ema_update, finished, read_json, resume_train_state, save_train_state,
+from .runs import (setup_torch, append_jsonl, ema_update, finished, read_json, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
 from .surgery import blocks, check_indices, skipping
 
@@ -99,6 +99,7 @@ class Stage2Config:
     ckpt_every: int = 50
     log_every: int = 10
     threads: int = 0
+    device: str = "cpu"              # "cuda": train on a GPU (data and noise are still drawn on the CPU)
 
 
 def candidate_blocks(cfg: Stage2Config, model) -> list[int]:
@@ -118,8 +119,7 @@ def candidate_blocks(cfg: Stage2Config, model) -> list[int]:
 
 def run_stage2(cfg: Stage2Config) -> dict:
     from .sampling import load_bundle
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    setup_torch(cfg.threads, cfg.device)
     if not 0 <= cfg.alpha <= 1:
         raise FlgError(f"alpha must be in [0, 1], got {cfg.alpha}")
     if not 0 < cfg.p <= 1:
@@ -127,7 +127,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
     if cfg.precision not in ("fp32", "bf16"):
         raise FlgError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     draw_drop([], cfg.p, cfg.drop_mode, torch.Generator())  # validates drop_mode before any work
-    bundle = load_bundle(cfg.model)
+    bundle = load_bundle(cfg.model, device=cfg.device)
     model = bundle.model
     cands = candidate_blocks(cfg, model)
     source = training_source(cfg.data, bundle.encoder)
@@ -144,7 +144,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
     np_rng = np.random.default_rng(cfg.seed)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
     step, st = resume_train_state(out, model, opt, sched, {"noise": gen}, np_rng)
-    ema = st.get("ema", ema)
+    ema = {k: v.to(cfg.device) for k, v in st["ema"].items()} if st.get("ema") else ema
     kill_at = int(os.environ.get("FLG_TEST_KILL_AT_STEP", "0"))  # tests: SIGKILL ourselves mid-run
 
     bar = tqdm(total=cfg.steps, initial=step, desc="stage2", dynamic_ncols=True)
@@ -154,6 +154,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
         eps = torch.randn(x0.shape, generator=gen)
         s = sample_sigmas(cfg.batch_size, shift, gen)
         drop = draw_drop(cands, cfg.p, cfg.drop_mode, gen)
+        x0, cond, eps, s = to_device(cfg.device, x0, cond, eps, s)
         x_s = flow.add_noise(x0, eps, s)
         with torch.set_grad_enabled(cfg.alpha < 1):  # alpha = 1: sg(v_full) needs no graph at all
             v_full = velocity(model, x_s, s, cond)

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from . import flow, synth
 from .config import save_config
-from .models import FlgError, cat_conds, velocity
+from .models import FlgError, cat_conds, to_device, velocity
 from .pretrain import export_model, pretrain_loss
-from .runs import (append_jsonl, finished, resume_train_state, save_train_state,
+from .runs import (setup_torch, append_jsonl, finished, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
 from .surgery import blocks, check_indices, complement, prune, retention_of, skipping
 
@@ -102,8 +102,8 @@ def backward_simulate(v_student, noise: torch.Tensor, sigmas: list[float], k: in
         return noise
     with torch.no_grad():
         x0 = flow.fewstep_sample(v_student, noise, sigmas[:k], generator=gen)
-        eps = torch.randn(noise.shape, generator=gen)
-        return flow.add_noise(x0, eps, torch.full((noise.shape[0],), sigmas[k]))
+        eps = torch.randn(noise.shape, generator=gen).to(noise.device)
+        return flow.add_noise(x0, eps, torch.full((noise.shape[0],), sigmas[k], device=noise.device))
 
 
 # ----------------------------------------------------------------------------- the three networks
@@ -237,6 +237,7 @@ class Stage3Config:
     ckpt_every: int = 50
     log_every: int = 10
     threads: int = 0
+    device: str = "cpu"              # "cuda": train on a GPU (data and noise are still drawn on the CPU)
 
 
 def resolve_drop(cfg: Stage3Config, model, meta: dict) -> list[int]:
@@ -274,11 +275,11 @@ def check_config(cfg: Stage3Config) -> None:
 
 def run_stage3(cfg: Stage3Config) -> dict:
     from .sampling import load_bundle
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    setup_torch(cfg.threads, cfg.device)
     check_config(cfg)
-    bundle = load_bundle(cfg.model)
+    bundle = load_bundle(cfg.model, device=cfg.device)
     shared, enc = bundle.model, bundle.encoder
+    dev = cfg.device
     drop = resolve_drop(cfg, shared, bundle.meta)
     keep = complement(shared, drop)
     out = Path(cfg.out)
@@ -316,9 +317,10 @@ def run_stage3(cfg: Stage3Config) -> dict:
         cond = synth.make_cond(enc, x_ref, [sp.caption for sp in specs])
         null = synth.null_cond(enc, cond)
         noise = torch.randn(x_ref.shape, generator=gen)
+        cond, null, noise = to_device(dev, cond, null, noise)
         k = int(torch.randint(len(sigmas), (1,), generator=gen))
         x_k = backward_simulate(lambda x, s: v_student(x, s, cond), noise, sigmas, k, gen)
-        s_k = torch.full((cfg.batch_size,), sigmas[k])
+        s_k = torch.full((cfg.batch_size,), sigmas[k], device=dev)
         student_turn = step % cfg.fake_updates == 0
         row = dict(k=k)
 
@@ -327,8 +329,8 @@ def run_stage3(cfg: Stage3Config) -> dict:
         if student_turn:  # DMD: move the student's samples along x0_fake - x0_real (Eq. 8)
             b1, b2 = draw_betas(cfg.beta1, cfg.beta2, cfg.beta1_range, cfg.beta2_range, gen)
             s = flow.shift_sigma(cfg.min_sigma + (cfg.max_sigma - cfg.min_sigma) * torch.rand(cfg.batch_size, generator=gen),
-                                 shift).float()
-            x_t = flow.add_noise(x.detach(), torch.randn(x.shape, generator=gen), s)
+                                 shift).float().to(dev)
+            x_t = flow.add_noise(x.detach(), torch.randn(x.shape, generator=gen).to(dev), s)
             with torch.no_grad():
                 x0_real = flow.x0_from_velocity(x_t, s, critics.real_velocity(x_t, s, cond, null, b1, b2))
                 x0_fake = flow.x0_from_velocity(x_t, s, critics.fake_velocity(x_t, s, cond))
@@ -346,8 +348,8 @@ def run_stage3(cfg: Stage3Config) -> dict:
 
         # fake DiT: flow matching on the student's (detached) outputs, the distribution it must track
         x = x.detach()
-        s_f = flow.shift_sigma(torch.rand(cfg.batch_size, generator=gen), shift).float()
-        eps = torch.randn(x.shape, generator=gen)
+        s_f = flow.shift_sigma(torch.rand(cfg.batch_size, generator=gen), shift).float().to(dev)
+        eps = torch.randn(x.shape, generator=gen).to(dev)
         with critics.fake_view() as fake:
             fake_loss = pretrain_loss(fake, x, eps, s_f, cond)
         if not torch.isfinite(fake_loss):
