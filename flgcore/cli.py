@@ -148,6 +148,12 @@ def cmd_notebooks(a):
         raise FlgError(f"{len(failed)} notebook(s) failed: {', '.join(failed)} (executed copies under {a.out}/{a.profile}/)")
 
 
+def cmd_cache(a):
+    from .cache import CacheConfig, run_cache
+    from .config import load_config
+    run_cache(load_config(CacheConfig, a.config, a.overrides))
+
+
 def cmd_eval(a):
     from .config import load_config
     from .evaluate import EvalConfig, run_eval
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         s.set_defaults(fn=fn)
         return s
 
+    stage("cache", cmd_cache, "Stage 0: encode mp4 + captions with a local diffusers pipeline into sharded latents (resumable)")
     s = stage("pretrain", cmd_pretrain, "train the tiny teacher on SynthMotion (resumes from its last checkpoint)")
     s.add_argument("--export-to", help="only export the latest checkpoint's EMA weights to this model directory")
     stage("stage1", cmd_stage1, "Stage I: block importance (Eq. 4 / Eq. 3) and a keep set for a retention")

@@ -33,26 +33,38 @@ def _cond(items: list[dict]) -> Cond:
 
 
 class LatentCache:
-    """Random access to a latent cache folder (see the module docstring)."""
+    """Random access to a latent cache folder (see the module docstring): one-clip files and shards
+    (a file whose metadata says `clips`: every tensor carries a leading clip dimension) alike."""
 
     def __init__(self, folder: str | Path):
+        from safetensors import safe_open
         from safetensors.torch import load_file
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FlgError(f"latent cache {folder}: no such folder")
-        self.files = sorted(p for p in self.folder.glob("*.safetensors") if p.name != "null.safetensors")
-        if not self.files:
+        files = sorted(p for p in self.folder.glob("*.safetensors") if p.name != "null.safetensors")
+        if not files:
             raise FlgError(f"latent cache {folder}: no .safetensors clips")
         if not (self.folder / "null.safetensors").is_file():
             raise FlgError(f"latent cache {folder}: null.safetensors (the empty prompt's embeddings) is missing")
-        self._load = load_file
+        self.index: list[tuple[Path, int | None]] = []  # (file, row in a shard or None for a one-clip file)
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                n = (h.metadata() or {}).get("clips")
+            self.index += [(f, None)] if n is None else [(f, r) for r in range(int(n))]
+        self._open = safe_open
         self.null = load_file(self.folder / "null.safetensors")
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.index)
+
+    def _item(self, i: int) -> dict:
+        f, row = self.index[i]
+        with self._open(str(f), framework="pt") as h:
+            return {k: h.get_tensor(k) if row is None else h.get_slice(k)[row] for k in h.keys()}
 
     def items(self, idx) -> tuple[torch.Tensor, Cond]:
-        items = [self._load(self.files[int(i)]) for i in idx]
+        items = [self._item(int(i)) for i in idx]
         if any("latents" not in it for it in items):
             raise FlgError(f"latent cache {self.folder}: an item lacks 'latents'")
         return torch.stack([it["latents"] for it in items]).float(), _cond(items)
@@ -95,3 +107,24 @@ def training_source(data: str, encoder: synth.TextEncoder | None):
                            "for a diffusers checkpoint give data=<latent cache folder>")
         return lambda rng, gen, b, p: synth.train_batch(encoder, rng, gen, b, p)
     return LatentCache(data).train_batch
+
+
+def condition_source(data: str, encoder: synth.TextEncoder | None):
+    """`draw(np_rng, B) -> (x_ref, cond, null)` for Stage III: full conditions as at inference (no dropout),
+    the null condition for CFG, and reference clips/latents that fix the shape of the student's noise."""
+    if data == "synth":
+        if encoder is None:
+            raise FlgError("data=synth needs a flgcore model with a text encoder; give data=<latent cache folder>")
+
+        def draw(rng, b):
+            x_ref, specs = synth.clips(synth.train_seeds(rng, b))
+            cond = synth.make_cond(encoder, x_ref, [sp.caption for sp in specs])
+            return x_ref, cond, synth.null_cond(encoder, cond)
+        return draw
+    cache = LatentCache(data)
+
+    def draw(rng, b):
+        x_ref, cond = cache.items(rng.integers(0, len(cache), size=b))
+        return x_ref, cond, cache.null_like(cond)
+    return draw
+

@@ -58,7 +58,8 @@ def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
     meta = json.loads((root / "flgcore.json").read_text())
     model = load_transformer(root / "transformer", device=device)
     model.flg_prediction = meta.get("prediction", "velocity")  # what the raw output means (see models.velocity)
-    return Bundle(model, synth.TextEncoder.load(root / "text_encoder"), meta, root)
+    enc = root / "text_encoder"  # absent for stage outputs of a real checkpoint (its text encoder stays in its pipeline)
+    return Bundle(model, synth.TextEncoder.load(enc) if enc.is_dir() else None, meta, root)
 
 
 @dataclass

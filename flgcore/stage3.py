@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import flow, synth
 from .config import save_config
+from .data import condition_source
 from .models import FlgError, cat_conds, to_device, velocity
 from .pretrain import export_model, pretrain_loss
 from .runs import (setup_torch, append_jsonl, finished, resume_train_state, save_train_state,
@@ -211,6 +212,7 @@ def state_bytes(modules: list[torch.nn.Module], optimizers: list[torch.optim.Opt
 @dataclass
 class Stage3Config:
     model: str = "runs/stage2/model"  # a Stage-II model directory (its saved drop set is the student's cut)
+    data: str = "synth"               # "synth" (SynthMotion) or a latent cache folder (`flg cache`): the conditions
     out: str = "runs/stage3"
     drop: list[int] | None = None     # None: the model's saved drop set; []: keep every block (plain DMD2)
     retention: float | None = None    # 1.0 is the same as drop=[]; other values must match the drop set
@@ -308,14 +310,13 @@ def run_stage3(cfg: Stage3Config) -> dict:
         fake_sched.load_state_dict(st["fake_sched"])
     kill_at = int(os.environ.get("FLG_TEST_KILL_AT_STEP", "0"))  # tests: SIGKILL ourselves mid-run
     v_student = lambda x, s, c: velocity(student, x, s, c)
+    draw = condition_source(cfg.data, enc)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="stage3", dynamic_ncols=True)
     logs, t0, memory = [], time.time(), None
     while step < cfg.steps:
         # conditions: real first frames + full captions, as at inference (no word or caption dropout)
-        x_ref, specs = synth.clips(synth.train_seeds(np_rng, cfg.batch_size))
-        cond = synth.make_cond(enc, x_ref, [sp.caption for sp in specs])
-        null = synth.null_cond(enc, cond)
+        x_ref, cond, null = draw(np_rng, cfg.batch_size)
         noise = torch.randn(x_ref.shape, generator=gen)
         cond, null, noise = to_device(dev, cond, null, noise)
         k = int(torch.randint(len(sigmas), (1,), generator=gen))

@@ -1,0 +1,105 @@
+"""Stage 0 (`flg cache`) on an offline tiny Wan pipeline of the real classes, on generated mp4 files."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flgcore import synth
+from flgcore.cache import CacheConfig, read_clip, run_cache, write_tiny_pipeline
+from flgcore.data import LatentCache
+from flgcore.models import FlgError
+
+FRAMES = 9  # 4k+1 for the Wan VAE
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import imageio.v2 as imageio
+    root = tmp_path_factory.mktemp("cache")
+    pipe = write_tiny_pipeline(root / "pipe")
+    rows = []
+    for i, seed in enumerate([10, 11, 12, 13, 14]):
+        spec = synth.clip_spec(seed)
+        clip = synth.render(spec, frames=FRAMES)  # [3, F, 32, 32] in [-1, 1]
+        frames = ((clip.transpose(1, 2, 3, 0) + 1) * 127.5).round().astype(np.uint8)
+        imageio.mimwrite(root / f"v{i}.mp4", list(frames), fps=8, macro_block_size=1)
+        rows.append((f"v{i}.mp4", spec.caption))
+    (root / "broken.mp4").write_bytes(b"not a video at all")
+    imageio.mimwrite(root / "short.mp4", list(frames[:3]), fps=8, macro_block_size=1)
+    rows[2:2] = [("broken.mp4", "a red square moves left"), ("short.mp4", "a blue circle moves up")]
+    (root / "manifest.csv").write_text("video,caption\n" + "".join(f"{v},{c}\n" for v, c in rows))
+    return root, pipe
+
+
+def _cfg(root, pipe, **kw):
+    base = dict(pipeline=str(pipe), manifest=str(root / "manifest.csv"), out=str(root / "out"), frames=FRAMES,
+                height=32, width=32, shard_size=3, max_sequence_length=8)
+    return CacheConfig(**{**base, **kw})
+
+
+def test_cache_writes_shards_skips_broken_videos_and_matches_the_pipeline(world):
+    from diffusers import DiffusionPipeline
+    root, pipe_dir = world
+    info = run_cache(_cfg(root, pipe_dir))
+    assert info["clips"] == 5 and info["shards"] == 3 and info["skipped"] == 2
+    skipped = [json.loads(l) for l in (root / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert {s["video"].rsplit("/", 1)[1] for s in skipped} == {"broken.mp4", "short.mp4"}
+    assert any("too short" in s["error"] for s in skipped)
+
+    cache = LatentCache(root / "out")
+    assert len(cache) == 5
+    x0, cond = cache.items([0, 3])
+    assert x0.shape == (2, 4, 3, 4, 4) and cond.image.shape == x0.shape and cond.text.shape == (2, 8, 16)
+
+    # The cached tensors are what the Wan I2V pipeline itself computes for the same clip and caption.
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
+    x = read_clip(str(root / "v0.mp4"), FRAMES, 1, 32, 32)
+    z = pipe.vae.encode(x[None]).latent_dist.mode()
+    mean, std = (torch.tensor(pipe.vae.config[k]).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
+    torch.testing.assert_close(x0[:1], (z - mean) / std)
+    _, condition = pipe.prepare_latents(x[:, 0][None], 1, 4, 32, 32, FRAMES, torch.float32, "cpu")
+    torch.testing.assert_close(cond.image[:1], condition[:, pipe.vae_scale_factor_temporal:])
+    text = pipe.encode_prompt(synth.clip_spec(10).caption, do_classifier_free_guidance=False, max_sequence_length=8)[0]
+    torch.testing.assert_close(cond.text[:1], text)
+    assert cache.null["prompt_embeds"].shape == (8, 16)
+
+
+def test_cache_resumes_without_redoing_finished_shards(world):
+    root, pipe_dir = world
+    out = root / "out2"
+    run_cache(_cfg(root, pipe_dir, out=str(out)))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.safetensors")}
+    (out / "shard_00001.safetensors").unlink()  # as if the run died while writing shard 1
+    run_cache(_cfg(root, pipe_dir, out=str(out)))
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.safetensors")}
+    assert set(after) == set(stamps)
+    assert after["shard_00000.safetensors"] == stamps["shard_00000.safetensors"]
+    assert after["shard_00002.safetensors"] == stamps["shard_00002.safetensors"]
+
+
+def test_stage3_trains_from_the_cache(world, tmp_path):
+    from flgcore.stage2 import Stage2Config, run_stage2
+    from flgcore.stage3 import Stage3Config, run_stage3
+    root, pipe_dir = world
+    if not (root / "out").exists():
+        run_cache(_cfg(root, pipe_dir))
+    run_stage2(Stage2Config(model=str(pipe_dir), data=str(root / "out"), out=str(tmp_path / "s2"), drop=[1],
+                            steps=1, batch_size=2, warmup=1))
+    m = run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), data=str(root / "out"), out=str(tmp_path / "s3"),
+                                steps=2, batch_size=2, fake_updates=2, lora_rank=2, beta1=2.0))
+    assert m["steps"] == 2 and (tmp_path / "s3" / "student" / "transformer" / "config.json").is_file()
+
+
+def test_cache_refuses_bad_input_by_name(world, tmp_path):
+    root, pipe_dir = world
+    with pytest.raises(FlgError, match="manifest not found"):
+        run_cache(_cfg(root, pipe_dir, manifest=str(tmp_path / "none.csv")))
+    with pytest.raises(FlgError, match="model_index.json"):
+        run_cache(_cfg(root, tmp_path))
+    with pytest.raises(FlgError, match="frames=8"):
+        run_cache(CacheConfig(pipeline=str(pipe_dir), manifest=str(root / "manifest.csv"), out=str(tmp_path / "o"),
+                              frames=8, height=32, width=32))
+    (tmp_path / "m.csv").write_text("path,text\nx.mp4,hi\n")
+    with pytest.raises(FlgError, match="missing column"):
+        run_cache(_cfg(root, pipe_dir, manifest=str(tmp_path / "m.csv")))
