@@ -98,6 +98,26 @@ def write_item(path: str | Path, **tensors: torch.Tensor) -> Path:
     return path
 
 
+def write_probe_cache(model, folder: str | Path, n: int = 4, frames: int = 2, size: int = 8) -> Path:
+    """A latent cache of `n` random items shaped for `model` (tests and dry runs of a real config)."""
+    from .models import probe_inputs
+    folder = Path(folder)
+    hunyuan = type(model).__name__.startswith("Hunyuan")
+    for i in range(n):
+        x, _, cond = probe_inputs(model, batch=1, frames=frames, size=size, seed=i)
+        item = dict(latents=x[0], prompt_embeds=cond.text[0])
+        if cond.image is not None:
+            item["image_latents"] = cond.image[0]
+        if hunyuan:
+            item.update(prompt_mask=torch.ones(cond.text.shape[1]), pooled=torch.randn(model.config.pooled_projection_dim))
+        write_item(folder / f"clip_{i:03d}.safetensors", **item)
+    null = dict(prompt_embeds=torch.zeros_like(cond.text[0]))
+    if hunyuan:
+        null.update(prompt_mask=torch.ones(cond.text.shape[1]), pooled=torch.zeros(model.config.pooled_projection_dim))
+    write_item(folder / "null.safetensors", **null)
+    return folder
+
+
 def training_source(data: str, encoder: synth.TextEncoder | None):
     """`train_batch(rng, gen, B, cond_dropout)` for `data`: "synth" (SynthMotion with the model's text
     encoder) or a latent cache folder."""

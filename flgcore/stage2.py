@@ -3,8 +3,8 @@
 One weight set is trained so that its drop view (the Stage-I candidate blocks skipped) matches its
 full view. Each step draws which candidates to skip from a Bernoulli(p); `drop_mode` says whether
 the draw is per block or one draw for the whole set (the paper does not say). The loop keeps to
-plain PyTorch (no autocast tricks, no hooks) so that a DeepSpeed engine can stand in for the model
-and optimiser later.
+plain PyTorch (no autocast tricks, no hooks) so that with `zero=true` a DeepSpeed ZeRO-3 engine stands
+in for the model and optimiser (`zero.py`), under torchrun or the deepspeed launcher.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import flow
+from . import flow, zero
 from .data import training_source
 from .config import save_config
 from .models import FlgError, to_device, velocity
@@ -100,6 +100,9 @@ class Stage2Config:
     log_every: int = 10
     threads: int = 0
     device: str = "cpu"              # "cuda": train on a GPU (data and noise are still drawn on the CPU)
+    zero: bool = False               # DeepSpeed ZeRO-3 across the launcher's processes (batch_size is global)
+    offload: bool = False            # zero=true: optimiser states and parameters offloaded to CPU memory
+    grad_checkpointing: bool = False  # recompute block activations in backward (memory for time)
 
 
 def candidate_blocks(cfg: Stage2Config, model) -> list[int]:
@@ -127,64 +130,98 @@ def run_stage2(cfg: Stage2Config) -> dict:
     if cfg.precision not in ("fp32", "bf16"):
         raise FlgError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     draw_drop([], cfg.p, cfg.drop_mode, torch.Generator())  # validates drop_mode before any work
-    bundle = load_bundle(cfg.model, device=cfg.device)
+    if cfg.zero and cfg.ema_decay > 0:
+        raise FlgError("ema_decay > 0 is not supported with zero=true (the weights are partitioned)")
+    dev = zero.init(cfg.device) if cfg.zero else cfg.device
+    main = zero.is_main()
+    bundle = load_bundle(cfg.model, device="cpu" if cfg.zero else dev)
     model = bundle.model
     cands = candidate_blocks(cfg, model)
     source = training_source(cfg.data, bundle.encoder)
     out = Path(cfg.out)
     if (done := finished(out, "model", cfg.steps)) is not None:
         return done
-    save_config(cfg, out)
+    if main:
+        save_config(cfg, out)
     shift = cfg.shift if cfg.shift is not None else bundle.meta.get("shift", 1.0)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model = model.to(dtype).train()
+    model = model.train() if cfg.zero else model.to(dtype).train()  # DeepSpeed casts to bf16 itself
+    if cfg.grad_checkpointing:
+        model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
-    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
-    step, st = resume_train_state(out, model, opt, sched, {"noise": gen}, np_rng)
-    ema = {k: v.to(cfg.device) for k, v in st["ema"].items()} if st.get("ema") else ema
+    if cfg.zero:
+        engine = zero.engine(model, opt, sched, zero.ds_config(cfg.batch_size, cfg.grad_clip, cfg.precision == "bf16", cfg.offload))
+        model, ema = engine.module, None
+        step, _ = zero.resume(out, {"model": engine}, {"noise": gen}, np_rng)
+    else:
+        ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
+        step, st = resume_train_state(out, model, opt, sched, {"noise": gen}, np_rng)
+        ema = {k: v.to(dev) for k, v in st["ema"].items()} if st.get("ema") else ema
     kill_at = int(os.environ.get("FLG_TEST_KILL_AT_STEP", "0"))  # tests: SIGKILL ourselves mid-run
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="stage2", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="stage2", dynamic_ncols=True, disable=not main)
     logs, t0 = [], time.time()
     while step < cfg.steps:
         x0, cond = source(np_rng, gen, cfg.batch_size, cfg.cond_dropout)
         eps = torch.randn(x0.shape, generator=gen)
         s = sample_sigmas(cfg.batch_size, shift, gen)
         drop = draw_drop(cands, cfg.p, cfg.drop_mode, gen)
-        x0, cond, eps, s = to_device(cfg.device, x0, cond, eps, s)
+        if cfg.zero:  # every rank drew the same global batch: train on this rank's slice
+            x0, cond, eps, s = zero.shard(x0, cond, eps, s)
+        x0, cond, eps, s = to_device(dev, x0, cond, eps, s)
+        if cfg.zero and cfg.precision == "bf16":
+            cond = cond.map(lambda t: t.to(dtype))
         x_s = flow.add_noise(x0, eps, s)
         with torch.set_grad_enabled(cfg.alpha < 1):  # alpha = 1: sg(v_full) needs no graph at all
             v_full = velocity(model, x_s, s, cond)
         with skipping(model, drop):
             v_drop = velocity(model, x_s, s, cond)
         loss, parts = stage2_loss(v_drop, v_full, x0, eps, cfg.alpha, loss_weight(model, s, cfg.min_sigma))
-        if not torch.isfinite(loss):
+        if not (zero.all_finite(loss) if cfg.zero else torch.isfinite(loss)):
             raise FlgError(f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is kept in "
                            f"{out}/checkpoints")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step(); sched.step(); step += 1
+        if cfg.zero:  # the engine clips, steps the optimiser and the schedule
+            engine.backward(loss)
+            engine.step()
+            gnorm = engine.get_global_grad_norm()
+            loss_value = zero.mean_over_ranks(loss.item())
+            parts = {k: zero.mean_over_ranks(v) for k, v in parts.items()}
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step(); sched.step()
+            loss_value = loss.item()
+        step += 1
         if ema is not None:
             ema_update(ema, model, cfg.ema_decay, step)
-        logs.append(dict(loss=loss.item(), n_dropped=len(drop), **parts))
-        bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        logs.append(dict(loss=loss_value, n_dropped=len(drop), **parts))
+        bar.update(1); bar.set_postfix(loss=f"{loss_value:.4f}")
+        if main and (step % cfg.log_every == 0 or step == cfg.steps):
             row = {k: float(np.mean([l[k] for l in logs if k in l])) for k in logs[-1]}
             append_jsonl(out / "log.jsonl", dict(step=step, grad_norm=float(gnorm), lr=sched.get_last_lr()[0],
                                                  sec_per_step=(time.time() - t0) / len(logs), **row))
             logs, t0 = [], time.time()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_train_state(out, step, model, opt, sched, {"noise": gen}, np_rng, ema)
+            if cfg.zero:
+                zero.save(out, step, {"model": engine}, {"noise": gen}, np_rng)
+            else:
+                save_train_state(out, step, model, opt, sched, {"noise": gen}, np_rng, ema)
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
     final = model
-    if ema is not None:
+    if cfg.zero:  # gather the partitioned weights; only rank 0 writes
+        state = zero.gathered_state_dict(model)
+        if not main:
+            zero.barrier()
+            return {}
+        final = zero.unwrap_state(state, model)
+    elif ema is not None:
         final.load_state_dict({k: v.to(dtype) for k, v in ema.items()})
     final = final.float().eval()
     meta = dict(bundle.meta, kind="stage2", drop=cands, keep=[b.index for b in blocks(model) if b.index not in cands],
@@ -192,4 +229,6 @@ def run_stage2(cfg: Stage2Config) -> dict:
     export_model(final, bundle.encoder, out / "model", meta)
     metrics = dict(steps=step, candidates=cands, final_loss=json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss"])
     write_json(out / "metrics.json", metrics)
+    if cfg.zero:
+        zero.barrier()
     return metrics

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from flgcore.data import LatentCache, write_item
+from flgcore.data import LatentCache, write_probe_cache
 from flgcore.importance import Stage1Config, run_stage1
 from flgcore.models import FlgError, load_transformer, probe_inputs, tiny_model
 from flgcore.stage2 import Stage2Config, run_stage2
@@ -11,20 +11,7 @@ from flgcore.stage2 import Stage2Config, run_stage2
 def _checkpoint_and_cache(kind, tmp_path, n=4):
     model = tiny_model(kind)
     model.save_pretrained(tmp_path / "ckpt" / "transformer")  # a pipeline-style folder: <dir>/transformer
-    cache = tmp_path / "cache"
-    for i in range(n):
-        x, _, cond = probe_inputs(model, batch=1, seed=i)
-        item = dict(latents=x[0], prompt_embeds=cond.text[0])
-        if cond.image is not None:
-            item["image_latents"] = cond.image[0]
-        if kind.startswith("hunyuan"):
-            item.update(prompt_mask=torch.ones(cond.text.shape[1]), pooled=torch.randn(model.config.pooled_projection_dim))
-        write_item(cache / f"clip_{i:03d}.safetensors", **item)
-    null = dict(prompt_embeds=torch.zeros_like(cond.text[0]))
-    if kind.startswith("hunyuan"):
-        null.update(prompt_mask=torch.ones(cond.text.shape[1]), pooled=torch.zeros(model.config.pooled_projection_dim))
-    write_item(cache / "null.safetensors", **null)
-    return model, tmp_path / "ckpt", cache
+    return model, tmp_path / "ckpt", write_probe_cache(model, tmp_path / "cache", n)
 
 
 @pytest.mark.parametrize("kind", ["wan-i2v", "hunyuan-i2v"])
