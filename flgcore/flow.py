@@ -88,13 +88,14 @@ def euler_sample(velocity: Velocity, noise: torch.Tensor, sigmas: Sequence[float
 
 
 def fewstep_sample(velocity: Velocity, noise: torch.Tensor, sigmas: Sequence[float],
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, draw=None) -> torch.Tensor:
     """Few-step sampler of a distilled student (DMD2-style multi-step generator).
 
     At each sigma s_k the student predicts x0_hat = x - s_k v; if a next sigma s_{k+1} > 0 follows,
     x is re-noised with fresh noise: x = (1 - s_{k+1}) x0_hat + s_{k+1} eps. `sigmas` lists the
     student's input sigmas, e.g. [1.0, 0.75, 0.5, 0.25]; the last prediction is returned.
-    Not decorated with no_grad: Stage III backpropagates through the last step.
+    Not decorated with no_grad: Stage III backpropagates through the last step. `draw(shape)`, if given,
+    makes the re-noising draws instead of `generator` (Stage III under ZeRO: a slice of global-batch draws).
     """
     x = noise
     x0 = noise
@@ -102,7 +103,7 @@ def fewstep_sample(velocity: Velocity, noise: torch.Tensor, sigmas: Sequence[flo
         s_vec = torch.full((x.shape[0],), float(s), dtype=x.dtype, device=x.device)
         x0 = x0_from_velocity(x, s_vec, velocity(x, s_vec))
         if k + 1 < len(sigmas):
-            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # CPU stream on any device
+            eps = (draw(x.shape) if draw else torch.randn(x.shape, generator=generator)).to(x.device, x.dtype)  # CPU stream
             x = add_noise(x0, eps, torch.full_like(s_vec, float(sigmas[k + 1])))
     return x0
 

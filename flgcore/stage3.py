@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import flow, synth
+from . import flow, synth, zero
 from .config import save_config
 from .data import condition_source
 from .models import FlgError, cat_conds, to_device, velocity
@@ -95,15 +95,15 @@ def student_sigmas(steps: int, shift: float) -> list[float]:
     return [float(s) for s in sch.sigmas[:-1]]
 
 
-def backward_simulate(v_student, noise: torch.Tensor, sigmas: list[float], k: int,
-                      gen: torch.Generator) -> torch.Tensor:
+def backward_simulate(v_student, noise: torch.Tensor, sigmas: list[float], k: int, draw) -> torch.Tensor:
     """The student's input at its k-th step, made by running the student itself over steps 0..k-1
-    without gradient (DMD2's backward simulation), exactly as `flow.fewstep_sample` does at inference."""
+    without gradient (DMD2's backward simulation), exactly as `flow.fewstep_sample` does at inference.
+    `draw(shape)` makes the Gaussian draws."""
     if k == 0:
         return noise
     with torch.no_grad():
-        x0 = flow.fewstep_sample(v_student, noise, sigmas[:k], generator=gen)
-        eps = torch.randn(noise.shape, generator=gen).to(noise.device)
+        x0 = flow.fewstep_sample(v_student, noise, sigmas[:k], draw=draw)
+        eps = draw(noise.shape).to(noise.device)
         return flow.add_noise(x0, eps, torch.full((noise.shape[0],), sigmas[k], device=noise.device))
 
 
@@ -240,6 +240,10 @@ class Stage3Config:
     log_every: int = 10
     threads: int = 0
     device: str = "cpu"              # "cuda": train on a GPU (data and noise are still drawn on the CPU)
+    zero: bool = False               # DeepSpeed ZeRO-3: engines for the student and the fake DiT (batch_size is global)
+    offload: bool = False            # zero=true: optimiser states and parameters offloaded to CPU memory
+    precision: str = "fp32"          # zero=true: fp32 or bf16 (the engines hold bf16 weights, fp32 master copies)
+    grad_checkpointing: bool = False  # recompute block activations in backward (student and fake DiT)
 
 
 def resolve_drop(cfg: Stage3Config, model, meta: dict) -> list[int]:
@@ -279,15 +283,17 @@ def run_stage3(cfg: Stage3Config) -> dict:
     from .sampling import load_bundle
     setup_torch(cfg.threads, cfg.device)
     check_config(cfg)
-    bundle = load_bundle(cfg.model, device=cfg.device)
+    dev = zero.init(cfg.device) if cfg.zero else cfg.device
+    main = zero.is_main()
+    bundle = load_bundle(cfg.model, device="cpu" if cfg.zero else dev)
     shared, enc = bundle.model, bundle.encoder
-    dev = cfg.device
     drop = resolve_drop(cfg, shared, bundle.meta)
     keep = complement(shared, drop)
     out = Path(cfg.out)
     if (done := finished(out, "student", cfg.steps)) is not None:
         return done
-    save_config(cfg, out)
+    if main:
+        save_config(cfg, out)
     shift = cfg.shift if cfg.shift is not None else bundle.meta.get("shift", 1.0)
     sigmas = list(cfg.sigmas) if cfg.sigmas else student_sigmas(cfg.student_steps, shift)
 
@@ -303,25 +309,38 @@ def run_stage3(cfg: Stage3Config) -> dict:
     fake_sched = warmup_cosine(fake_opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
-    step, st = resume_train_state(out, student, opt, sched, {"noise": gen}, np_rng)
-    if st:
-        critics.load_fake_state(st["fake"])
-        fake_opt.load_state_dict(st["fake_opt"])
-        fake_sched.load_state_dict(st["fake_sched"])
+    if cfg.grad_checkpointing:
+        student.enable_gradient_checkpointing(); critics.fake_model.enable_gradient_checkpointing()
+    if cfg.zero:
+        ds = zero.ds_config(cfg.batch_size, cfg.grad_clip, cfg.precision == "bf16", cfg.offload)
+        engines = {"student": zero.engine(student, opt, sched, ds),
+                   "fake": zero.engine(critics.fake_model, fake_opt, fake_sched, ds)}
+        if cfg.fake == "full":  # the frozen real DiT: partitioned too, with no optimiser
+            engines["real"] = zero.engine(shared, None, None, ds)
+        step, _ = zero.resume(out, engines, {"noise": gen}, np_rng)
+    else:
+        step, st = resume_train_state(out, student, opt, sched, {"noise": gen}, np_rng)
+        if st:
+            critics.load_fake_state(st["fake"])
+            fake_opt.load_state_dict(st["fake_opt"])
+            fake_sched.load_state_dict(st["fake_sched"])
+    shard = zero.shard if cfg.zero else (lambda *xs: xs[0] if len(xs) == 1 else xs)
+
+    def randn(shape):  # drawn at the global batch size, then this rank's slice: N ranks follow 1 rank's stream
+        return shard(torch.randn((cfg.batch_size, *shape[1:]), generator=gen))
     kill_at = int(os.environ.get("FLG_TEST_KILL_AT_STEP", "0"))  # tests: SIGKILL ourselves mid-run
     v_student = lambda x, s, c: velocity(student, x, s, c)
     draw = condition_source(cfg.data, enc)
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="stage3", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="stage3", dynamic_ncols=True, disable=not main)
     logs, t0, memory = [], time.time(), None
     while step < cfg.steps:
         # conditions: real first frames + full captions, as at inference (no word or caption dropout)
         x_ref, cond, null = draw(np_rng, cfg.batch_size)
-        noise = torch.randn(x_ref.shape, generator=gen)
-        cond, null, noise = to_device(dev, cond, null, noise)
+        cond, null, noise = to_device(dev, *shard(cond, null), randn(x_ref.shape))
         k = int(torch.randint(len(sigmas), (1,), generator=gen))
-        x_k = backward_simulate(lambda x, s: v_student(x, s, cond), noise, sigmas, k, gen)
-        s_k = torch.full((cfg.batch_size,), sigmas[k], device=dev)
+        x_k = backward_simulate(lambda x, s: v_student(x, s, cond), noise, sigmas, k, randn)
+        s_k = torch.full((noise.shape[0],), sigmas[k], device=dev)
         student_turn = step % cfg.fake_updates == 0
         row = dict(k=k)
 
@@ -329,65 +348,86 @@ def run_stage3(cfg: Stage3Config) -> dict:
             x = flow.x0_from_velocity(x_k, s_k, v_student(x_k, s_k, cond))
         if student_turn:  # DMD: move the student's samples along x0_fake - x0_real (Eq. 8)
             b1, b2 = draw_betas(cfg.beta1, cfg.beta2, cfg.beta1_range, cfg.beta2_range, gen)
-            s = flow.shift_sigma(cfg.min_sigma + (cfg.max_sigma - cfg.min_sigma) * torch.rand(cfg.batch_size, generator=gen),
+            s = flow.shift_sigma(cfg.min_sigma + (cfg.max_sigma - cfg.min_sigma) * shard(torch.rand(cfg.batch_size, generator=gen)),
                                  shift).float().to(dev)
-            x_t = flow.add_noise(x.detach(), torch.randn(x.shape, generator=gen).to(dev), s)
+            x_t = flow.add_noise(x.detach(), randn(x.shape).to(dev), s)
             with torch.no_grad():
                 x0_real = flow.x0_from_velocity(x_t, s, critics.real_velocity(x_t, s, cond, null, b1, b2))
                 x0_fake = flow.x0_from_velocity(x_t, s, critics.fake_velocity(x_t, s, cond))
             grad = dmd_grad(x.detach(), x0_real, x0_fake)
             loss = dmd_loss(x, grad)
-            if not torch.isfinite(loss):
+            if not (zero.all_finite(loss) if cfg.zero else torch.isfinite(loss)):
                 raise FlgError(f"non-finite student loss {loss.item()} at step {step}; the last good checkpoint is "
                                f"kept in {out}/checkpoints")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step(); sched.step()
-            row.update(dmd_loss=loss.item(), dmd_grad=float(grad.abs().mean()), student_grad_norm=float(gnorm),
-                       beta1=b1, beta2=b2)
+            if cfg.zero:
+                engines["student"].backward(loss); engines["student"].step()
+                gnorm = engines["student"].get_global_grad_norm()
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                opt.step(); sched.step()
+            mean = zero.mean_over_ranks if cfg.zero else float
+            row.update(dmd_loss=mean(loss.item()), dmd_grad=mean(float(grad.abs().mean())),
+                       student_grad_norm=float(gnorm), beta1=b1, beta2=b2)
 
         # fake DiT: flow matching on the student's (detached) outputs, the distribution it must track
         x = x.detach()
-        s_f = flow.shift_sigma(torch.rand(cfg.batch_size, generator=gen), shift).float().to(dev)
-        eps = torch.randn(x.shape, generator=gen).to(dev)
+        s_f = flow.shift_sigma(shard(torch.rand(cfg.batch_size, generator=gen)), shift).float().to(dev)
+        eps = randn(x.shape).to(dev)
         with critics.fake_view() as fake:
             fake_loss = pretrain_loss(fake, x, eps, s_f, cond)
-        if not torch.isfinite(fake_loss):
+        if not (zero.all_finite(fake_loss) if cfg.zero else torch.isfinite(fake_loss)):
             raise FlgError(f"non-finite fake-DiT loss {fake_loss.item()} at step {step}; the last good checkpoint is "
                            f"kept in {out}/checkpoints")
-        fake_opt.zero_grad(set_to_none=True)
-        fake_loss.backward()
-        torch.nn.utils.clip_grad_norm_(critics.fake_parameters(), cfg.grad_clip)
-        fake_opt.step(); fake_sched.step(); step += 1
-        if memory is None:  # optimiser states exist after the first step
+        if cfg.zero:
+            engines["fake"].backward(fake_loss); engines["fake"].step()
+        else:
+            fake_opt.zero_grad(set_to_none=True)
+            fake_loss.backward()
+            torch.nn.utils.clip_grad_norm_(critics.fake_parameters(), cfg.grad_clip)
+            fake_opt.step(); fake_sched.step()
+        step += 1
+        if memory is None and not cfg.zero:  # optimiser states exist after the first step
             memory = state_bytes([shared, student, critics.fake_model], [opt, fake_opt])
-        row["fake_loss"] = fake_loss.item()
+        row["fake_loss"] = zero.mean_over_ranks(fake_loss.item()) if cfg.zero else fake_loss.item()
         logs.append(row)
-        bar.update(1); bar.set_postfix(fake=f"{fake_loss.item():.4f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        bar.update(1); bar.set_postfix(fake=f"{row['fake_loss']:.4f}")
+        if main and (step % cfg.log_every == 0 or step == cfg.steps):
             keys = {k for r in logs for k in r}
             mean = {k: float(np.mean([r[k] for r in logs if k in r])) for k in sorted(keys)}
             append_jsonl(out / "log.jsonl", dict(step=step, lr=sched.get_last_lr()[0],
                                                  sec_per_step=(time.time() - t0) / len(logs), **mean))
             logs, t0 = [], time.time()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_train_state(out, step, student, opt, sched, {"noise": gen}, np_rng, fake=critics.fake_state(),
-                             fake_opt=fake_opt.state_dict(), fake_sched=fake_sched.state_dict())
+            if cfg.zero:
+                zero.save(out, step, engines, {"noise": gen}, np_rng)
+            else:
+                save_train_state(out, step, student, opt, sched, {"noise": gen}, np_rng, fake=critics.fake_state(),
+                                 fake_opt=fake_opt.state_dict(), fake_sched=fake_sched.state_dict())
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
+    if cfg.zero:  # gather the student's partitioned weights; only rank 0 writes
+        state = zero.gathered_state_dict(student)
+        if not main:
+            zero.barrier()
+            return {}
+        student = zero.unwrap_state(state, student)
     meta = dict(bundle.meta, kind="student", sampler="fewstep", sigmas=sigmas, shift=shift, cfg_scale=1.0,
                 diffusers_scheduler=sigmas == student_sigmas(len(sigmas), shift),
                 steps=len(sigmas), keep=keep, teacher_blocks=len(blocks(shared)), trained_steps=step,
                 stage3=dict(teacher=cfg.teacher, beta1=cfg.beta1, beta2=cfg.beta2, fake=cfg.fake))
     meta.pop("drop", None)  # the student has no drop view: its blocks are all it has
     export_student(student.eval(), enc, out / "student", meta)
-    memory = memory or state_bytes([shared, student, critics.fake_model], [opt, fake_opt])
+    if not cfg.zero:
+        memory = memory or state_bytes([shared, student, critics.fake_model], [opt, fake_opt])
     metrics = dict(steps=step, keep=keep, drop=drop, sigmas=sigmas, fake=cfg.fake, teacher=cfg.teacher,
-                   retention=retention_of(shared, keep), memory=memory)
+                   retention=retention_of(shared, keep), memory=memory, processes=zero.world()[1])
     write_json(out / "metrics.json", metrics)
+    if cfg.zero:
+        zero.barrier()
     return metrics
 
 
