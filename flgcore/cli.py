@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 STAGES: set[str] = set()
-STAGE_OPTIONS = {"--config", "--export-to", "--help", "-h"}
+STAGE_OPTIONS = {"--config", "--export-to", "--gpus", "--help", "-h"}
 
 
 def _as_overrides(args: list[str]) -> list[str]:
@@ -154,6 +154,19 @@ def cmd_cache(a):
     run_cache(load_config(CacheConfig, a.config, a.overrides))
 
 
+def cmd_check(a):
+    from .check import check_stage
+    from .config import to_dict
+    from .models import FlgError
+    cfg, problems = check_stage(a.stage, a.config, a.overrides, a.gpus)
+    for p in problems:
+        print(f"  - {p}")
+    if problems:
+        raise FlgError(f"{a.stage} config: {len(problems)} problem(s), fix them before launching")
+    extra = f", {cfg.batch_size // a.gpus} per process x {a.gpus}" if hasattr(cfg, "batch_size") and a.stage != "stage1" else ""
+    print(f"{a.stage} config OK (out={to_dict(cfg)['out']}{extra})")
+
+
 def cmd_eval(a):
     from .config import load_config
     from .evaluate import EvalConfig, run_eval
@@ -205,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     stage("bench", cmd_bench, "time the teacher (Euler + CFG) against the student (few steps) on the same clips")
     stage("eval", cmd_eval, "SynthBench scores of a model on held-out seeds (or of a folder of clips)")
 
+    s = sub.add_parser("check", help="validate a stage config before launching it (paths, blocks, cache, batch x processes)")
+    s.add_argument("stage", choices=["cache", "stage1", "stage2", "stage3"])
+    s.add_argument("--config", help="YAML config file")
+    s.add_argument("--gpus", type=int, default=1, help="total processes the launch will use (nodes x GPUs per node)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.set_defaults(fn=cmd_check)
+
     s = sub.add_parser("notebooks", help="execute the analysis notebooks with papermill")
     nsub = s.add_subparsers(dest="action", required=True)
     r = nsub.add_parser("run", help="run the notebooks in dependency order into runs/notebooks/<profile>/")
@@ -219,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in STAGES:
             argv = argv[:1] + _as_overrides(argv[1:])
+        elif argv[:1] == ["check"] and len(argv) > 1:  # options first: argparse cannot resume positionals after them
+            rest = _as_overrides(argv[2:])
+            opts = [a for i, a in enumerate(rest) if a in STAGE_OPTIONS or (i and rest[i - 1] in STAGE_OPTIONS)]
+            argv = ["check", *opts, argv[1], *[a for a in rest if a not in opts]]
         a = p.parse_args(argv)
         a.fn(a)
     except FlgError as e:

@@ -141,6 +141,7 @@ class Stage1Config:
     compare_naive: bool = True    # time one batch the naive way too and check the scores agree
     threads: int = 0
     device: str = "cpu"           # "cuda": score on a GPU (the draws stay on the CPU)
+    precision: str = "fp32"       # "bf16" for real checkpoints on one GPU (scores are averaged in fp32)
 
 
 def scoring_batches(cfg: Stage1Config, encoder: synth.TextEncoder | None):
@@ -236,8 +237,10 @@ def run_stage1(cfg: Stage1Config) -> dict:
     if not cfg.sigmas or not all(0 < s <= 1 for s in cfg.sigmas):
         raise FlgError(f"sigmas must be a non-empty list in (0, 1], got {cfg.sigmas}")
     out = Path(cfg.out)
+    if cfg.precision not in ("fp32", "bf16"):
+        raise FlgError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     bundle = load_bundle(cfg.model, device=cfg.device)
-    model = bundle.model
+    model = bundle.model.to(torch.bfloat16) if cfg.precision == "bf16" else bundle.model
     save_config(cfg, out)
     batches = [to_device(cfg.device, *b) for b in scoring_batches(cfg, bundle.encoder)]
     metrics: dict = {}
