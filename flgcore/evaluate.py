@@ -38,6 +38,8 @@ class EvalConfig:
     videos: int = 4               # sample videos written into the run folder
     threads: int = 0
     device: str = "cpu"           # "cuda": sample on a GPU (the analysis stays on the CPU)
+    vbench: bool = False          # also write the clips for VBench (<out>/vbench), score its weight-free
+                                  # dimensions ourselves, and run official VBench where it is installed
 
 
 def format_scores(agg: dict) -> str:
@@ -83,6 +85,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     save_config(cfg, out)
     agg, rows = synthbench.evaluate(clips, specs)
     agg.update(info)
+    if cfg.vbench:
+        from . import vbench
+        folder = vbench.export_for_vbench(list(clips), [sp.caption for sp in specs], out / "vbench")
+        agg.update({f"vbench_{k}": v for k, v in vbench.own_scores(folder).items() if k != "n"})
+        official = vbench.run_vbench(folder, device=cfg.device)
+        if official:
+            agg.update({f"vbench_official_{k}": v[0] for k, v in official.items() if isinstance(v, list) and v})
     write_json(out / "metrics.json", agg)
     pd.DataFrame(rows).to_csv(out / "clips.csv", index=False)
     for i in range(min(cfg.videos, len(specs))):
