@@ -3,8 +3,8 @@
 Both sample the same clips (same first frames, captions and noise seeds) in one run. Reported per
 model: median wall time per clip over `repeats` timed runs (after `warmup` untimed ones), NFE, block
 parameters; then the theoretical speed-up (NFE x block parameters, the paper's 50*2 / 4 / 0.7 = 35.7x),
-the measured one and their ratio. `teacher`/`student` may also be `random:<preset>`: a random-init
-model of a real architecture (e.g. Wan 2.1 1.3B) for timing only, on a GPU.
+the measured one and their ratio. At a real size on a GPU (random-init Wan 2.1 1.3B / 14B), see `gpubench.py`
+(`flg bench --gpu`).
 """
 from __future__ import annotations
 

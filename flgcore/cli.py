@@ -12,6 +12,7 @@ from pathlib import Path
 
 STAGES: set[str] = set()
 STAGE_OPTIONS = {"--config", "--export-to", "--gpus", "--help", "-h"}
+STAGE_FLAGS = {"--gpu"}  # options without a value
 
 
 def _as_overrides(args: list[str]) -> list[str]:
@@ -22,6 +23,10 @@ def _as_overrides(args: list[str]) -> list[str]:
     while i < len(args):
         a = args[i]
         name = a.split("=", 1)[0]
+        if a in STAGE_FLAGS:
+            out.append(a)
+            i += 1
+            continue
         if not a.startswith("--") or name in STAGE_OPTIONS:
             out.append(a)
             if name in STAGE_OPTIONS and "=" not in a and i + 1 < len(args):
@@ -124,8 +129,12 @@ def cmd_stage3(a):
 
 
 def cmd_bench(a):
-    from .bench import BenchConfig, run_bench
     from .config import load_config
+    if a.gpu:
+        from .gpubench import GpuBenchConfig, run_gpu_bench
+        run_gpu_bench(load_config(GpuBenchConfig, a.config, a.overrides))
+        return
+    from .bench import BenchConfig, run_bench
     run_bench(load_config(BenchConfig, a.config, a.overrides))
 
 
@@ -215,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     stage("stage1", cmd_stage1, "Stage I: block importance (Eq. 4 / Eq. 3) and a keep set for a retention")
     stage("stage2", cmd_stage2, "Stage II: dynamic probabilistic pruning with self-distillation (resumable)")
     stage("stage3", cmd_stage3, "Stage III: distribution matching with well-guided teacher guidance -> few-step pruned student")
-    stage("bench", cmd_bench, "time the teacher (Euler + CFG) against the student (few steps) on the same clips")
+    s = stage("bench", cmd_bench, "time the teacher (Euler + CFG) against the student (few steps) on the same clips")
+    s.add_argument("--gpu", action="store_true", help="Stages II-III step time, memory, MFU and inference on a "
+                   "random-init Wan at a real size (GpuBenchConfig: preset=wan2.1-1.3b ...)")
     stage("eval", cmd_eval, "SynthBench scores of a model on held-out seeds (or of a folder of clips)")
 
     s = sub.add_parser("check", help="validate a stage config before launching it (paths, blocks, cache, batch x processes)")

@@ -375,16 +375,20 @@ def run_stage3(cfg: Stage3Config) -> dict:
         x = x.detach()
         s_f = flow.shift_sigma(shard(torch.rand(cfg.batch_size, generator=gen)), shift).float().to(dev)
         eps = randn(x.shape).to(dev)
+        # backward inside the view: gradient checkpointing re-runs blocks, and must see the adapter switched on
         with critics.fake_view() as fake:
             fake_loss = pretrain_loss(fake, x, eps, s_f, cond)
-        if not (zero.all_finite(fake_loss) if cfg.zero else torch.isfinite(fake_loss)):
-            raise FlgError(f"non-finite fake-DiT loss {fake_loss.item()} at step {step}; the last good checkpoint is "
-                           f"kept in {out}/checkpoints")
+            if not (zero.all_finite(fake_loss) if cfg.zero else torch.isfinite(fake_loss)):
+                raise FlgError(f"non-finite fake-DiT loss {fake_loss.item()} at step {step}; the last good checkpoint "
+                               f"is kept in {out}/checkpoints")
+            if cfg.zero:
+                engines["fake"].backward(fake_loss)
+            else:
+                fake_opt.zero_grad(set_to_none=True)
+                fake_loss.backward()
         if cfg.zero:
-            engines["fake"].backward(fake_loss); engines["fake"].step()
+            engines["fake"].step()
         else:
-            fake_opt.zero_grad(set_to_none=True)
-            fake_loss.backward()
             torch.nn.utils.clip_grad_norm_(critics.fake_parameters(), cfg.grad_clip)
             fake_opt.step(); fake_sched.step()
         step += 1

@@ -1,0 +1,215 @@
+"""`flg bench --gpu`: Stages II-III step cost and teacher-vs-student inference on a random-init Wan at a real size.
+
+No weights are needed: the architecture is built from its published config (`PRESETS`) with random
+weights, which costs exactly what the trained model costs. Measured, per setting (with and without
+gradient checkpointing): median step time over `repeats` (after `warmup`), peak GPU memory, and model
+FLOP utilisation = FLOPs counted by `torch.utils.flop_counter` for one step / step time / `peak_tflops`
+(989 dense bf16 TFLOP/s for an H100 SXM). Training runs as a single-GPU mixed-precision trainer would:
+fp32 master weights and AdamW states, bf16 autocast. Inference: bf16 weights, the teacher's 50 Euler
+steps with CFG on all blocks against the student's 4 steps without CFG on the kept blocks.
+`blocks` builds only that many blocks (e.g. 2 of the 14B configuration: its per-block cost at the same
+token count); the table says so. Nothing here runs in CI except the `tiny` preset on the CPU.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import flow
+from .config import save_config
+from .models import Cond, FlgError, velocity
+from .runs import setup_torch, write_json
+from .surgery import blocks, complement, prune, skipping
+
+_WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+            freq_dim=256, qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6)
+PRESETS = {  # diffusers WanTransformer3DModel configs of the released checkpoints (random weights here)
+    "wan2.1-1.3b": dict(_WAN, num_layers=30, num_attention_heads=12, ffn_dim=8960),
+    "wan2.1-14b": dict(_WAN, num_layers=40, num_attention_heads=40, ffn_dim=13824),
+    "tiny": dict(patch_size=(1, 2, 2), attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+                 freq_dim=16, qk_norm="rms_norm_across_heads", num_layers=10, num_attention_heads=2, ffn_dim=32),
+}
+
+
+@dataclass
+class GpuBenchConfig:
+    preset: str = "wan2.1-1.3b"
+    blocks: int | None = None      # build only this many blocks (per-block cost of a model too big to build whole)
+    frames: int = 81               # video frames -> latent frames (frames - 1) // 4 + 1
+    height: int = 480
+    width: int = 832
+    text_len: int = 512
+    batch_size: int = 1            # per GPU, as in the paper
+    retention: float = 0.7         # the student / drop view keeps this share of blocks
+    teacher_steps: int = 50
+    teacher_cfg: float = 5.0
+    student_steps: int = 4
+    lora_rank: int = 64
+    what: list[str] = field(default_factory=lambda: ["stage2", "stage3", "inference"])
+    checkpointing: list[bool] = field(default_factory=lambda: [False, True])
+    repeats: int = 3
+    warmup: int = 1
+    peak_tflops: float = 989.0     # H100 SXM dense bf16
+    device: str = "cuda"
+    out: str = "runs/bench-gpu"
+
+
+def build(cfg: GpuBenchConfig):
+    from diffusers import WanTransformer3DModel
+    if cfg.preset not in PRESETS:
+        raise FlgError(f"unknown preset {cfg.preset!r}; one of {', '.join(PRESETS)}")
+    arch = dict(PRESETS[cfg.preset])
+    if cfg.blocks:
+        arch["num_layers"] = cfg.blocks
+    torch.manual_seed(0)
+    with torch.device(cfg.device):
+        return WanTransformer3DModel(**arch).float()
+
+
+def inputs(cfg: GpuBenchConfig, model):
+    c = model.config
+    f, h, w = (cfg.frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8
+    g = torch.Generator(cfg.device).manual_seed(0)
+    x = torch.randn(cfg.batch_size, c.out_channels, f, h, w, device=cfg.device, generator=g)
+    text = torch.randn(cfg.batch_size, cfg.text_len, c.text_dim, device=cfg.device, generator=g)
+    tokens = f * (h // c.patch_size[1]) * (w // c.patch_size[2])
+    return x, torch.full((cfg.batch_size,), 0.6, device=cfg.device), Cond(text=text), tokens
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(fn, cfg: GpuBenchConfig, label: str) -> dict:
+    """Median seconds of fn() over repeats, its FLOPs (counted once, untimed) and peak memory."""
+    from torch.utils.flop_counter import FlopCounterMode
+    for _ in range(cfg.warmup):
+        fn()
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    if cfg.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in tqdm(range(cfg.repeats), desc=label, dynamic_ncols=True):
+        _sync(cfg.device); t0 = time.perf_counter()
+        fn()
+        _sync(cfg.device); times.append(time.perf_counter() - t0)
+    sec, flops = statistics.median(times), fc.get_total_flops()
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cfg.device.startswith("cuda") else float("nan")
+    return dict(sec=sec, tflops=flops / 1e12, mfu=flops / sec / (cfg.peak_tflops * 1e12), peak_gib=peak)
+
+
+def _autocast(cfg):
+    return torch.autocast("cuda" if cfg.device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
+
+def stage2_step_fn(cfg, model, drop, x, s, cond):
+    """One Stage-II step at alpha = 1 with the whole candidate set dropped (the heavier half of its draws):
+    full view without grad, drop view with grad, AdamW on fp32 master weights."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cfg.device.startswith("cuda"))
+
+    def step():
+        with _autocast(cfg):
+            with torch.no_grad():
+                v_full = velocity(model, x, s, cond)
+            with skipping(model, drop):
+                v_drop = velocity(model, x, s, cond)
+        loss = (v_drop.float() - v_full.float()).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def stage3_step_fn(cfg, shared, student, critics, x, s, cond):
+    """One Stage-III student turn (k = 0, beta2 != 0): student forward, Eq. 9 (3 calls of the shared weights),
+    fake DiT, DMD backward into the student; then one fake-DiT (LoRA) update."""
+    from .pretrain import pretrain_loss
+    from .stage3 import dmd_grad, dmd_loss
+    opt = torch.optim.AdamW(student.parameters(), lr=5e-7)
+    fake_opt = torch.optim.AdamW(critics.fake_parameters(), lr=5e-6)
+    null = Cond(text=torch.zeros_like(cond.text))
+
+    def step():
+        with _autocast(cfg):
+            out = flow.x0_from_velocity(x, torch.ones_like(s), velocity(student, x, torch.ones_like(s), cond))
+            x_t = flow.add_noise(out.detach(), torch.randn_like(out), s)
+            with torch.no_grad():
+                x0_real = flow.x0_from_velocity(x_t, s, critics.real_velocity(x_t, s, cond, null, 3.5, 0.25))
+                x0_fake = flow.x0_from_velocity(x_t, s, critics.fake_velocity(x_t, s, cond))
+            loss = dmd_loss(out, dmd_grad(out.detach(), x0_real, x0_fake))
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        with _autocast(cfg), critics.fake_view() as fake:  # backward inside: recomputation needs the adapter on
+            fake_loss = pretrain_loss(fake, out.detach(), torch.randn_like(out), s, cond)
+            fake_opt.zero_grad(set_to_none=True); fake_loss.backward()
+        fake_opt.step()
+    return step
+
+
+def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
+    from .stage3 import Critics, student_sigmas
+    setup_torch(0, cfg.device)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise FlgError("flg bench --gpu needs a CUDA device (device=cpu with preset=tiny runs it on the CPU)")
+    model = build(cfg)
+    x, s, cond, tokens = inputs(cfg, model)
+    n = len(blocks(model))
+    d = round(n * (1 - cfg.retention))  # timing only: which blocks go does not matter, how many does
+    drop = list(range((n - d) // 2, (n - d) // 2 + d))
+    keep = complement(model, drop)
+    rows = []
+    base = dict(preset=cfg.preset, blocks_built=n, tokens=tokens, batch=cfg.batch_size)
+    for ckpt in cfg.checkpointing:
+        model.disable_gradient_checkpointing() if not ckpt else model.enable_gradient_checkpointing()
+        if "stage2" in cfg.what:
+            model.train()
+            r = measure(stage2_step_fn(cfg, model, drop, x, s, cond), cfg, f"stage2 ckpt={ckpt}")
+            rows.append(dict(base, what="stage2 step", grad_checkpointing=ckpt, **r))
+            torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
+        if "stage3" in cfg.what:
+            student = prune(model, keep).train()
+            if ckpt:
+                student.enable_gradient_checkpointing()
+            critics = Critics(model, drop, "lora", "pruned", cfg.lora_rank)
+            r = measure(stage3_step_fn(cfg, model, student, critics, x, s, cond), cfg, f"stage3 ckpt={ckpt}")
+            rows.append(dict(base, what="stage3 student turn + fake update", grad_checkpointing=ckpt, **r))
+            model.delete_adapters("fake")
+            for p in model.parameters():
+                p.requires_grad_(True)
+            del student, critics
+            torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
+    summary = {}
+    if "inference" in cfg.what:
+        model.disable_gradient_checkpointing()
+        teacher = model.to(torch.bfloat16).eval()
+        student = prune(teacher, keep)
+        null = Cond(text=torch.zeros_like(cond.text))
+        xb = x.to(torch.bfloat16)
+        with torch.no_grad():
+            v_t = flow.guided(lambda z, t: velocity(teacher, z, t, cond), lambda z, t: velocity(teacher, z, t, null), cfg.teacher_cfg)
+            sig = flow.euler_sigmas(cfg.teacher_steps, 5.0)
+            rt = measure(lambda: flow.euler_sample(v_t, xb, sig), cfg, "teacher 50 x CFG")
+            ss = student_sigmas(cfg.student_steps, 5.0)
+            rs = measure(lambda: flow.fewstep_sample(lambda z, t: velocity(student, z, t, cond), xb, ss), cfg, "student")
+        theoretical = (flow.nfe(cfg.teacher_steps, cfg.teacher_cfg) * n) / (cfg.student_steps * len(keep))
+        rows += [dict(base, what="teacher sampling", grad_checkpointing=False, **rt),
+                 dict(base, what="student sampling", grad_checkpointing=False, **rs)]
+        summary = dict(theoretical_speedup=theoretical, measured_speedup=rt["sec"] / rs["sec"],
+                       ratio=rt["sec"] / rs["sec"] / theoretical, kept_blocks=len(keep))
+    out = Path(cfg.out)
+    save_config(cfg, out)
+    pd.DataFrame(rows).to_csv(out / "bench_gpu.csv", index=False)
+    dev = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"
+    write_json(out / "metrics.json", dict(summary, device=dev, rows=rows))
+    print(pd.DataFrame(rows)[["what", "grad_checkpointing", "sec", "tflops", "mfu", "peak_gib"]].to_string(index=False))
+    if summary:
+        print(f"speed-up: theoretical {summary['theoretical_speedup']:.1f}x, measured {summary['measured_speedup']:.1f}x, "
+              f"ratio {summary['ratio']:.2f}  [{dev}]")
+    return dict(summary, rows=rows)
