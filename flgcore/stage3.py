@@ -317,7 +317,8 @@ def run_stage3(cfg: Stage3Config) -> dict:
                    "fake": zero.engine(critics.fake_model, fake_opt, fake_sched, ds)}
         if cfg.fake == "full":  # the frozen real DiT: partitioned too, with no optimiser
             engines["real"] = zero.engine(shared, None, None, ds)
-        step, _ = zero.resume(out, engines, {"noise": gen}, np_rng)
+        trained = {k: engines[k] for k in ("student", "fake")}  # the frozen real engine is not checkpointed
+        step, _ = zero.resume(out, trained, {"noise": gen}, np_rng)
     else:
         step, st = resume_train_state(out, student, opt, sched, {"noise": gen}, np_rng)
         if st:
@@ -405,7 +406,7 @@ def run_stage3(cfg: Stage3Config) -> dict:
             logs, t0 = [], time.time()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if cfg.zero:
-                zero.save(out, step, engines, {"noise": gen}, np_rng)
+                zero.save(out, step, trained, {"noise": gen}, np_rng)
             else:
                 save_train_state(out, step, student, opt, sched, {"noise": gen}, np_rng, fake=critics.fake_state(),
                                  fake_opt=fake_opt.state_dict(), fake_sched=fake_sched.state_dict())

@@ -27,12 +27,18 @@ class Block:
     module: nn.Module
 
 
+def _base_params(m: nn.Module) -> int:
+    """Parameters of a block's own weights: a LoRA adapter does not count, and under ZeRO-3 (where a
+    partitioned parameter is an empty placeholder) the full size is `ds_numel`."""
+    return sum(getattr(p, "ds_numel", p.numel()) for n, p in m.named_parameters() if "lora_" not in n)
+
+
 def blocks(model) -> list[Block]:
     """Every DiT block of the model, in forward order, with its global index."""
     out = []
     for group, attr, _ in family_of(model).groups:
         for j, m in enumerate(getattr(model, attr)):
-            out.append(Block(len(out), group, j, sum(p.numel() for p in m.parameters()), m))
+            out.append(Block(len(out), group, j, _base_params(m), m))
     return out
 
 

@@ -123,7 +123,9 @@ def save(out: Path, step: int, engines: dict, gens: dict[str, torch.Generator], 
         shutil.rmtree(tmp)
     barrier()
     for name, eng in engines.items():
-        eng.save_checkpoint(str(tmp / name), tag="state", client_state=dict(step=step, **client))
+        # frozen weights (the shared base under a LoRA fake DiT) are in the model directory already
+        eng.save_checkpoint(str(tmp / name), tag="state", client_state=dict(step=step, **client),
+                            exclude_frozen_parameters=True)
     torch.save(dict(gens={k: g.get_state() for k, g in gens.items()}, np_rng=np_rng.bit_generator.state,
                     torch=torch.get_rng_state()), tmp / f"rng_rank{rank}.pt")
     barrier()
@@ -144,7 +146,7 @@ def resume(out: Path, engines: dict, gens: dict[str, torch.Generator], np_rng) -
         return 0, {}
     ck, client = dirs[-1], {}
     for name, eng in engines.items():
-        _, client = eng.load_checkpoint(str(ck / name), tag="state")
+        _, client = eng.load_checkpoint(str(ck / name), tag="state", load_module_strict=False)
     rng = torch.load(ck / f"rng_rank{world()[0]}.pt", weights_only=False)
     for k, g in gens.items():
         g.set_state(rng["gens"][k])

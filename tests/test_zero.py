@@ -99,3 +99,16 @@ def test_stage3_two_processes_match_one_and_resume_after_kill(teacher, tmp_path)
     assert [killed[s]["fake_loss"] for s in range(1, 7)] == [two[s]["fake_loss"] for s in range(1, 7)]
     s3 = load_transformer(tmp_path / "killed" / "student" / "transformer")
     assert all(torch.equal(a, b) for a, b in zip(s3.state_dict().values(), s2.state_dict().values()))
+
+
+def test_stage3_full_copy_fake_with_a_frozen_real_engine(teacher, tmp_path):
+    from flgcore.stage2 import Stage2Config, run_stage2
+    run_stage2(Stage2Config(model=str(teacher / "ckpt"), data=str(teacher / "cache"), drop=[1], steps=1, batch_size=2,
+                            warmup=1, out=str(tmp_path / "s2")))
+    r = _launch(["stage3", f"model={tmp_path / 's2' / 'model'}", f"data={teacher / 'cache'}", "steps=2", "batch_size=4",
+                 "fake_updates=2", "fake=full", "zero=true", f"out={tmp_path / 's3'}"], 2, port=29641)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "s3" / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["retention"] == 0.75 and m["fake"] == "full"
+    ck = tmp_path / "s3" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in ck.iterdir()) == ["fake", "rng_rank0.pt", "rng_rank1.pt", "student"]  # no frozen copy
