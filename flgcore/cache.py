@@ -11,8 +11,11 @@ exactly as the family's pipeline builds them; plus `null.safetensors` (the empty
 Resumable: shard k always holds manifest rows [k*S, (k+1)*S) and a shard is written atomically, so a
 finished shard is skipped on restart. A video that cannot be read (missing, corrupt, too short) is
 reported by name in `skipped.jsonl` and left out of its shard; the rest goes on.
-Supported: Wan 2.1/2.2 pipelines with channel-concatenated image conditions (T2V, I2V). HunyuanVideo
-and Wan 2.2 TI2V-5B (first-frame latent replacement) are refused with a message, not guessed.
+Supported: Wan 2.1/2.2 pipelines with channel-concatenated image conditions (T2V, I2V), HunyuanVideo
+(T2V) and HunyuanVideo-I2V with `latent_concat` conditioning (its prompt is encoded with the first frame
+by LLaVA, as the pipeline does; the null prompt with a black image, as its true CFG does). Wan 2.2
+TI2V-5B (first-frame latent replacement) and HunyuanVideo-I2V `token_replace` are refused with a
+message, not guessed.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class CacheConfig:
     height: int = 480
     width: int = 832
     shard_size: int = 32
-    max_sequence_length: int = 512  # Wan's T5 length
+    max_sequence_length: int = 0    # text tokens; 0: the family pipeline's default (Wan 512, HunyuanVideo 256)
     dtype: str = "float32"    # encoders' dtype ("bfloat16" on a GPU); the cache is written in float32
     device: str = "cpu"
 
@@ -84,15 +87,20 @@ def read_clip(path: str, frames: int, stride: int, height: int, width: int) -> t
     return x / 127.5 - 1.0
 
 
+def _first_frame_image(x: torch.Tensor):
+    """[3, F, H, W] in [-1, 1] -> the first frame as a PIL image (what a pipeline's `image=` argument takes)."""
+    from PIL import Image
+    return Image.fromarray(((x[:, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+
+
 class WanEncoder:
     """The Wan pipeline's own encoders, used as the pipeline uses them (latents normalised with the VAE's
     latents_mean / latents_std; the I2V condition = VAE([first frame, zeros...]), normalised likewise)."""
+    max_sequence_length = 512  # the pipeline's default
 
-    def __init__(self, pipeline_dir: Path, dtype: torch.dtype, device: str, image_conditioned: bool):
-        from diffusers import DiffusionPipeline
-        self.pipe = DiffusionPipeline.from_pretrained(pipeline_dir, transformer=None, transformer_2=None,
-                                                      torch_dtype=dtype).to(device)
-        self.device, self.dtype, self.image_conditioned = device, dtype, image_conditioned
+    def __init__(self, pipe, dtype: torch.dtype, device: str, image_conditioned: bool, max_len: int):
+        self.pipe, self.device, self.dtype, self.image_conditioned = pipe, device, dtype, image_conditioned
+        self.max_len = max_len or self.max_sequence_length
         vae = self.pipe.vae
         self.mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
@@ -111,25 +119,69 @@ class WanEncoder:
         return (z - self.mean) / self.std
 
     @torch.no_grad()
-    def text(self, captions: list[str], max_len: int) -> torch.Tensor:
-        return self.pipe._get_t5_prompt_embeds(captions, max_sequence_length=max_len, device=self.device,
-                                               dtype=self.dtype).float().cpu()
+    def _text(self, caption: str) -> dict[str, torch.Tensor]:
+        e = self.pipe._get_t5_prompt_embeds([caption], max_sequence_length=self.max_len, device=self.device,
+                                            dtype=self.dtype)
+        return dict(prompt_embeds=e[0].float().cpu())
+
+    def null(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's text fields (null.safetensors)."""
+        return self._text("")
 
     @torch.no_grad()
-    def clip(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x [3, F, H, W] in [-1, 1] -> the clip's tensors (no leading batch dimension)."""
-        item = dict(latents=self._vae(x[None])[0])
+    def clip(self, x: torch.Tensor, caption: str) -> dict[str, torch.Tensor]:
+        """x [3, F, H, W] in [-1, 1] and its caption -> the clip's tensors (no leading batch dimension)."""
+        item = dict(latents=self._vae(x[None])[0], **self._text(caption))
         if self.image_conditioned:
             cond = torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], dim=1)
             item["image_latents"] = self._vae(cond[None])[0]
             if getattr(self.pipe, "image_encoder", None) is not None:
-                from PIL import Image
-                img = Image.fromarray(((x[:, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
-                item["image_embeds"] = self.pipe.encode_image(img, self.device)[0].float().cpu()
+                item["image_embeds"] = self.pipe.encode_image(_first_frame_image(x), self.device)[0].float().cpu()
+        return item
+
+
+class HunyuanEncoder(WanEncoder):
+    """The HunyuanVideo pipelines' own encoders: latents = VAE mode x scaling_factor; text = the pipeline's
+    `encode_prompt` (Llama hidden states + mask, CLIP pooled; for I2V, LLaVA sees the first frame too); the
+    latent_concat condition = the first frame's latent at latent frame 0 and zeros after, as the pipeline
+    concatenates it. The null prompt is "" (with a black image for I2V, as the pipeline's true CFG does)."""
+    max_sequence_length = 256
+
+    def __init__(self, pipe, dtype: torch.dtype, device: str, image_conditioned: bool, max_len: int):
+        self.pipe, self.device, self.dtype, self.image_conditioned = pipe, device, dtype, image_conditioned
+        self.max_len = max_len or self.max_sequence_length
+        self.scale = pipe.vae.config.scaling_factor
+        self.t_scale, self.s_scale = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+
+    @torch.no_grad()
+    def _vae(self, video: torch.Tensor) -> torch.Tensor:
+        return self.pipe.vae.encode(video.to(self.device, self.dtype)).latent_dist.mode().float().cpu() * self.scale
+
+    @torch.no_grad()
+    def _text(self, caption: str, image=None) -> dict[str, torch.Tensor]:
+        kw = dict(image=image) if self.image_conditioned else {}
+        e, pooled, mask = self.pipe.encode_prompt(prompt=[caption], device=self.device, dtype=self.dtype,
+                                                  max_sequence_length=self.max_len, **kw)
+        return dict(prompt_embeds=e[0].float().cpu(), prompt_mask=mask[0].float().cpu(), pooled=pooled[0].float().cpu())
+
+    def null(self) -> dict[str, torch.Tensor]:
+        from PIL import Image
+        return self._text("", Image.new("RGB", (64, 64), 0) if self.image_conditioned else None)
+
+    @torch.no_grad()
+    def clip(self, x: torch.Tensor, caption: str) -> dict[str, torch.Tensor]:
+        image = _first_frame_image(x) if self.image_conditioned else None
+        item = dict(latents=self._vae(x[None])[0], **self._text(caption, image))
+        if self.image_conditioned:
+            first = self._vae(x[None, :, :1])[0]  # [C, 1, h, w]
+            cond = torch.zeros_like(item["latents"])
+            cond[:, :1] = first
+            item["image_latents"] = cond
         return item
 
 
 def open_encoder(cfg: CacheConfig) -> WanEncoder:
+    """The family's encoder for a pipeline directory; the transformer's weights are never loaded."""
     root = Path(cfg.pipeline)
     index = root / "model_index.json"
     if not index.is_file():
@@ -139,14 +191,23 @@ def open_encoder(cfg: CacheConfig) -> WanEncoder:
     if not tcfg_path.is_file():
         raise FlgError(f"{root}: transformer/config.json is missing (needed to know the conditioning)")
     tcfg = json.loads(tcfg_path.read_text())
-    if not name.startswith("Wan"):
-        raise FlgError(f"{root}: flg cache supports Wan pipelines; got {name!r} (HunyuanVideo: not yet)")
     if name == "WanPipeline" and json.loads(index.read_text()).get("expand_timesteps"):
         raise FlgError(f"{root}: Wan 2.2 TI2V (expand_timesteps) conditioning is not supported yet")
+    if name not in ("WanPipeline", "WanImageToVideoPipeline", "HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"):
+        raise FlgError(f"{root}: flg cache supports the Wan and HunyuanVideo (T2V, I2V) pipelines; got {name!r}")
+    if name == "HunyuanVideoImageToVideoPipeline" and tcfg.get("image_condition_type") != "latent_concat":
+        raise FlgError(f"{root}: HunyuanVideo-I2V image_condition_type {tcfg.get('image_condition_type')!r} is not "
+                       f"supported yet (supported: latent_concat)")
     dtype = getattr(torch, cfg.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise FlgError(f"dtype={cfg.dtype!r} is not a torch dtype")
-    return WanEncoder(root, dtype, cfg.device, tcfg["in_channels"] != (tcfg.get("out_channels") or tcfg["in_channels"]))
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype,
+                                             **({"transformer_2": None} if name.startswith("Wan") else {})).to(cfg.device)
+    if name.startswith("Hunyuan"):
+        return HunyuanEncoder(pipe, dtype, cfg.device, name == "HunyuanVideoImageToVideoPipeline", cfg.max_sequence_length)
+    return WanEncoder(pipe, dtype, cfg.device, tcfg["in_channels"] != (tcfg.get("out_channels") or tcfg["in_channels"]),
+                      cfg.max_sequence_length)
 
 
 def _write_shard(path: Path, items: list[dict], names: list[str]) -> None:
@@ -168,7 +229,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     save_config(cfg, out)
     from .data import write_item
     if not (out / "null.safetensors").is_file():
-        write_item(out / "null.safetensors", prompt_embeds=enc.text([""], cfg.max_sequence_length)[0])
+        write_item(out / "null.safetensors", **enc.null())
     n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
     skipped_path = out / "skipped.jsonl"
     bar = tqdm(total=len(rows), desc="cache", unit="clip", dynamic_ncols=True)
@@ -186,9 +247,7 @@ def run_cache(cfg: CacheConfig) -> dict:
                 skipped.append(dict(video=row["video"], shard=k, error=str(e)))
                 tqdm.write(f"skipping {row['video']}: {e}")
             else:
-                item = enc.clip(x)
-                item["prompt_embeds"] = enc.text([row["caption"]], cfg.max_sequence_length)[0]
-                items.append(item)
+                items.append(enc.clip(x, row["caption"]))
                 names.append(row["video"])
             bar.update(1)
         if skipped:  # recorded before the shard is committed: a restart re-tries the shard and re-reports
@@ -214,19 +273,35 @@ def _shard_meta(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- an offline tiny pipeline (tests, dry runs)
 
-def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: int = 0) -> Path:
-    """Save a tiny random-init Wan pipeline of the real classes (AutoencoderKLWan, a T5 encoder with a
-    word-level tokenizer built offline, the transformer from `models.TINY`, the flow-matching scheduler)."""
+def _word_tokenizer(words: set[str], special: list[str], bos: str | None = None):
+    """A word-level fast tokenizer built offline (no download): specials first, then words; "\n" runs are tokens."""
+    from tokenizers import Regex, Tokenizer, models as tk_models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {s: i for i, s in enumerate(special)}
+    for w in sorted(words - set(special)):
+        vocab[w] = len(vocab)
+    tok = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\n+"), "isolated")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    named = dict(pad_token="<pad>", unk_token="<unk>", eos_token=special[2], bos_token=bos)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=special[3:],
+                                   **{k: v for k, v in named.items() if v}), vocab
+
+
+def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: int = 0, family: str = "wan") -> Path:
+    """Save a tiny random-init pipeline of the real classes, for tests and dry runs. Wan: AutoencoderKLWan, a
+    UMT5 encoder; HunyuanVideo: AutoencoderKLHunyuanVideo, a Llama (T2V) or LLaVA (I2V, seeing 576 image
+    tokens as the real one) encoder and a CLIP text encoder; word-level tokenizers built offline, the
+    transformer from `models.TINY`, the flow-matching scheduler."""
+    if family == "hunyuan":
+        return _write_tiny_hunyuan(out, image_conditioned, seed)
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
     from .models import tiny_model
     from . import synth
     torch.manual_seed(seed)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(sorted(set(synth.VOCAB)))}}
-    tok = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer, vocab = _word_tokenizer(set(synth.VOCAB), ["<pad>", "<unk>", "</s>"])
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                            num_heads=2, relative_attention_num_buckets=8)).eval()
     vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -236,5 +311,42 @@ def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: i
     cls = WanImageToVideoPipeline if image_conditioned else WanPipeline
     pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.save_pretrained(out)
+    return Path(out)
+
+
+def _write_tiny_hunyuan(out: str | Path, image_conditioned: bool, seed: int) -> Path:
+    import re
+    import diffusers
+    from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video as t2v, pipeline_hunyuan_video_image2video as i2v
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, LlamaConfig,
+                              LlamaModel, LlavaConfig, LlavaForConditionalGeneration)
+    from .models import tiny_model
+    from . import synth
+    torch.manual_seed(seed)
+    special = ["<pad>", "<unk>", "<|eot_id|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<image>"]
+    words = set(synth.VOCAB)
+    for m in (t2v, i2v):  # the pipelines' prompt templates, so that their crops land where they expect
+        words |= set(re.findall(r"\w+|[^\w\s]+|\n+", m.DEFAULT_PROMPT_TEMPLATE["template"].replace("{}", " ")))
+    tokenizer, vocab = _word_tokenizer(words, special, bos="<|begin_of_text|>")
+    llama = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    if image_conditioned:  # CLIP-L/14 at 336 px: 576 image tokens, as the template's image_emb_len says
+        text_encoder = LlavaForConditionalGeneration(LlavaConfig(
+            vision_config=CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                           image_size=336, patch_size=14, projection_dim=8),
+            text_config=llama, image_token_index=vocab["<image>"], pad_token_id=0)).eval()
+        extra = dict(image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}))
+    else:
+        text_encoder, extra = LlamaModel(llama).eval(), {}
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, pad_token_id=0,
+                                        bos_token_id=vocab["<|begin_of_text|>"], eos_token_id=vocab["<|eot_id|>"])).eval()
+    vae = diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                              norm_num_groups=4).eval()
+    cls = diffusers.HunyuanVideoImageToVideoPipeline if image_conditioned else diffusers.HunyuanVideoPipeline
+    pipe = cls(text_encoder=text_encoder, tokenizer=tokenizer, transformer=tiny_model("hunyuan-i2v" if image_conditioned else "hunyuan", seed),
+               vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip,
+               tokenizer_2=tokenizer, **extra)
     pipe.save_pretrained(out)
     return Path(out)

@@ -27,6 +27,10 @@ def _transformer_config(model: str) -> tuple[dict | None, dict, list[str]]:
             meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
             if tcfg.get("_class_name") not in FAMILIES:
                 return None, meta, [f"model={model}: class {tcfg.get('_class_name')!r} is not supported ({', '.join(FAMILIES)})"]
+            if tcfg.get("image_condition_type") not in (None, "latent_concat"):
+                return tcfg, meta, [f"model={model}: HunyuanVideo image_condition_type {tcfg['image_condition_type']!r} "
+                                    f"(first-frame token replacement) is not supported yet; latent_concat is "
+                                    f"(e.g. HunyuanVideo-I2V-33ch)"]
             return tcfg, meta, []
     return None, {}, [f"model={model}: no transformer config.json there (a diffusers pipeline or transformer directory?)"]
 
@@ -86,7 +90,7 @@ def check_stage(stage: str, config: str | None, overrides: list[str], processes:
         if not Path(cfg.manifest).is_file():
             problems.append(f"manifest={cfg.manifest}: not found")
         if (cfg.frames - 1) % 4:
-            problems.append(f"frames={cfg.frames}: the Wan VAE needs 4k+1 frames")
+            problems.append(f"frames={cfg.frames}: the Wan and HunyuanVideo VAEs need 4k+1 frames")
         if cfg.height % 16 or cfg.width % 16:
             problems.append(f"height x width = {cfg.height}x{cfg.width}: must be multiples of 16")
         return cfg, problems

@@ -13,11 +13,9 @@ from flgcore.models import FlgError
 FRAMES = 9  # 4k+1 for the Wan VAE
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def _write_videos(root):
+    """Five SynthMotion clips as mp4, a broken file and a too-short one, and their manifest."""
     import imageio.v2 as imageio
-    root = tmp_path_factory.mktemp("cache")
-    pipe = write_tiny_pipeline(root / "pipe")
     rows = []
     for i, seed in enumerate([10, 11, 12, 13, 14]):
         spec = synth.clip_spec(seed)
@@ -29,7 +27,13 @@ def world(tmp_path_factory):
     imageio.mimwrite(root / "short.mp4", list(frames[:3]), fps=8, macro_block_size=1)
     rows[2:2] = [("broken.mp4", "a red square moves left"), ("short.mp4", "a blue circle moves up")]
     (root / "manifest.csv").write_text("video,caption\n" + "".join(f"{v},{c}\n" for v, c in rows))
-    return root, pipe
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    _write_videos(root)
+    return root, write_tiny_pipeline(root / "pipe")
 
 
 def _cfg(root, pipe, **kw):
@@ -103,3 +107,45 @@ def test_cache_refuses_bad_input_by_name(world, tmp_path):
     (tmp_path / "m.csv").write_text("path,text\nx.mp4,hi\n")
     with pytest.raises(FlgError, match="missing column"):
         run_cache(_cfg(root, pipe_dir, manifest=str(tmp_path / "m.csv")))
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["hunyuan-t2v", "hunyuan-i2v"])
+def test_hunyuanvideo_cache_matches_its_pipeline_and_trains(tmp_path, i2v):
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+    from flgcore.stage2 import Stage2Config, run_stage2
+    from flgcore.stage3 import Stage3Config, run_stage3
+    _write_videos(tmp_path)
+    pipe_dir = write_tiny_pipeline(tmp_path / "pipe", image_conditioned=i2v, family="hunyuan")
+    info = run_cache(_cfg(tmp_path, pipe_dir, max_sequence_length=16))
+    assert info["clips"] == 5 and info["skipped"] == 2
+    cache = LatentCache(tmp_path / "out")
+    x0, cond = cache.items([0])
+    assert x0.shape == (1, 4, 3, 4, 4) and cond.text_mask.shape == cond.text.shape[:2] and cond.pooled.shape == (1, 8)
+
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
+    x = read_clip(str(tmp_path / "v0.mp4"), FRAMES, 1, 32, 32)
+    sf = pipe.vae.config.scaling_factor
+    torch.testing.assert_close(x0, pipe.vae.encode(x[None]).latent_dist.mode() * sf)
+    caption, image = synth.clip_spec(10).caption, Image.fromarray(((x[:, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    kw = dict(image=image) if i2v else {}
+    e, pooled, mask = pipe.encode_prompt(prompt=[caption], max_sequence_length=16, device="cpu", **kw)
+    torch.testing.assert_close(cond.text, e)
+    torch.testing.assert_close(cond.text_mask, mask.float())
+    torch.testing.assert_close(cond.pooled, pooled)
+    null = pipe.encode_prompt(prompt=[""], max_sequence_length=16, device="cpu",
+                              **(dict(image=Image.new("RGB", (32, 32), 0)) if i2v else {}))[0]
+    torch.testing.assert_close(cache.null["prompt_embeds"][None], null)
+    if i2v:  # the pipeline's latent_concat condition: the image latent at frame 0, zeros after
+        _, image_latents = pipe.prepare_latents(pipe.video_processor.preprocess(image, 32, 32), 1, 4, 32, 32, FRAMES,
+                                                torch.float32, "cpu")
+        image_latents[:, :, 1:] = 0
+        torch.testing.assert_close(cond.image, image_latents)
+    else:
+        assert cond.image is None
+
+    run_stage2(Stage2Config(model=str(pipe_dir), data=str(tmp_path / "out"), out=str(tmp_path / "s2"), drop=[1],
+                            steps=1, batch_size=2, warmup=1))
+    m = run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), data=str(tmp_path / "out"), out=str(tmp_path / "s3"),
+                                steps=2, batch_size=2, fake_updates=2, lora_rank=2, beta1=2.0))
+    assert m["steps"] == 2

@@ -40,3 +40,10 @@ def test_validator_accepts_a_good_setup_and_names_each_problem(tmp_path):
     _, problems = check_stage("stage1", None, [f"model={tmp_path / 'ckpt'}", f"data={tmp_path / 'cache_t2v'}"])
     assert any("image-conditioned but the cache lacks image_latents" in p for p in problems)
     assert main(["check", "stage1", f"model={tmp_path / 'ckpt'}", f"data={tmp_path / 'cache_t2v'}"]) == 2
+
+
+def test_validator_refuses_first_frame_token_replacement(tmp_path):
+    model = tiny_model("hunyuan", in_channels=4, image_condition_type="token_replace")
+    model.save_pretrained(tmp_path / "ckpt" / "transformer")
+    _, problems = check_stage("stage1", None, [f"model={tmp_path / 'ckpt'}", "data=synth"])
+    assert any("'token_replace'" in p and "not supported" in p for p in problems), problems
