@@ -16,7 +16,7 @@ import torch
 
 from . import flow, synth
 from .config import from_dict, to_dict
-from .runs import read_json
+from .runs import read_json, write_json
 
 # the paper's Fig. 1 score (mean of dynamic degree, aesthetic and imaging quality), in SynthBench analogues:
 # SynthBench has no aesthetic dimension, so subject_consistency stands in for it
@@ -90,8 +90,12 @@ def plot_u_curve(by_block: pd.DataFrame, ax=None):
 def plot_heatmap(by_sigma: pd.DataFrame, ax=None):
     ax = ax or plt.subplots(figsize=(8, 3))[1]
     grid = by_sigma.pivot(index="sigma", columns="block", values="mean")
-    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws=dict(label="error"))
-    ax.set(title="Importance per timestep", ylabel="sigma")
+    # The error of every skip grows with sigma (the task gets harder), which would hide the blocks'
+    # ranking within a row: show each row relative to its mean, so 1 is an average block at that sigma.
+    grid = grid.div(grid.mean(axis=1), axis=0)
+    grid.index = [f"{s:.2f}" for s in grid.index]
+    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws=dict(label="error / mean of the row"))
+    ax.set(title="Importance per timestep (each sigma relative to its mean)", ylabel="sigma")
     return ax.figure
 
 
@@ -116,8 +120,24 @@ def set_error(model, batches, drop: list[int]) -> float:
 
 
 def selection_comparison(bundle, by_block: pd.DataFrame, retentions: list[float], n: int, sigmas: list[float],
-                         seed: int = 1) -> pd.DataFrame:
-    """One-shot ranking vs iterative greedy: the Eq. 3 error of each keep set on fresh draws (seed != Stage I's)."""
+                         seed: int = 1, csv: str | Path | None = None) -> pd.DataFrame:
+    """One-shot ranking vs iterative greedy: the Eq. 3 error of each keep set on fresh draws (seed != Stage I's).
+    With `csv`, the table is written there (its parameters beside it) and reused when they match."""
+    params = dict(retentions=list(retentions), n=n, sigmas=list(sigmas), seed=seed,
+                  importance=by_block.sort_values("block").importance.round(10).tolist())
+    sidecar = Path(csv).with_suffix(".json") if csv else None
+    if sidecar is not None and sidecar.is_file() and Path(csv).is_file() and read_json(sidecar) == params:
+        return pd.read_csv(csv)
+    table = _selection_comparison(bundle, by_block, retentions, n, sigmas, seed)
+    if csv:
+        tmp = Path(csv).with_suffix(".tmp")
+        table.to_csv(tmp, index=False)
+        tmp.replace(csv)
+        write_json(sidecar, params)
+    return table
+
+
+def _selection_comparison(bundle, by_block, retentions, n, sigmas, seed) -> pd.DataFrame:
     from .importance import iterative_selection
     from .surgery import blocks, complement, select_keep
     model = bundle.model

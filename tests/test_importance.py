@@ -75,3 +75,21 @@ def test_stage1_bad_values_are_refused(tiny_bundle_dir, tmp_path):
     with pytest.raises(FlgError, match="method"):
         run_stage1(Stage1Config(model=str(tiny_bundle_dir), out=str(tmp_path), method="random"))
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_selection_comparison_table_is_reused_only_for_the_same_parameters(tiny_bundle_dir, tmp_path, monkeypatch):
+    import pandas as pd
+    from flgcore import report
+    from flgcore.sampling import load_bundle
+    bundle = load_bundle(str(tiny_bundle_dir))
+    by_block = pd.DataFrame(dict(block=range(4), importance=[0.4, 0.1, 0.2, 0.3]))
+    csv = tmp_path / "sel.csv"
+    first = report.selection_comparison(bundle, by_block, [0.5], 4, [0.3], csv=csv)
+    assert set(first.method) == {"oneshot", "iterative"} and csv.is_file()
+    calls = []
+    real = report._selection_comparison
+    monkeypatch.setattr(report, "_selection_comparison", lambda *a: calls.append(a) or real(*a))
+    again = report.selection_comparison(bundle, by_block, [0.5], 4, [0.3], csv=csv)
+    assert calls == [] and list(again.eq3_error) == pytest.approx(list(first.eq3_error))
+    report.selection_comparison(bundle, by_block, [0.75], 4, [0.3], csv=csv)  # another retention: recomputed
+    assert len(calls) == 1
