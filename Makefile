@@ -40,8 +40,8 @@ demo: $(STAMP)
 	$(FLG) eval model=$(MODEL) n=$(DEMO_N) out=$(DEMO)/eval-teacher
 	@echo "== Stage I (quick): block importance and a 70% keep set"
 	$(FLG) stage1 --model $(MODEL) --n 16 --sigmas "[0.3, 0.7]" --retention 0.7 --out $(DEMO)/stage1
-	@echo "== Stage II (quick): dynamic probabilistic pruning, then the drop view's SynthBench table"
-	$(FLG) stage2 --model $(MODEL) --selection $(DEMO)/stage1/selection.json --steps 20 --batch_size 8 --ckpt_every 10 --out $(DEMO)/stage2
+	@echo "== Stage II (quick, alpha 0.5: the testbed's setting, see LOG.md): dynamic probabilistic pruning, then the drop view's SynthBench table"
+	$(FLG) stage2 --model $(MODEL) --selection $(DEMO)/stage1/selection.json --alpha 0.5 --steps 20 --batch_size 8 --ckpt_every 10 --out $(DEMO)/stage2
 	$(FLG) eval --model $(DEMO)/stage2/model --view drop --n 16 --steps 25 --out $(DEMO)/eval-stage2-drop
 	@echo "== Stage III (quick): a 4-step student of the kept blocks, its SynthBench table, then the bench table"
 	$(FLG) stage3 --model $(DEMO)/stage2/model --steps 20 --batch_size 8 --ckpt_every 10 --out $(DEMO)/stage3
