@@ -25,5 +25,6 @@ run b128 batch_size=128 lr=6e-4 steps=${STEPS_A:-6000} ema_decay=0.999 warmup=20
 run b256 batch_size=256 lr=8e-4 steps=${STEPS_B:-3500} ema_decay=0.999 warmup=200 workers=7 &
 wait
 cp $R/eval-cpu1200/metrics.json $OUT/eval-cpu1200.json
-cd $R && tar czf $OUT/models.tgz */model */config.yaml && ls -la $OUT
+# one archive per model: a device call returns files of at most 16 MB (one ~10 MB model each; session 3 lost both in one)
+cd $R && for name in b128 b256; do tar czf $OUT/model-$name.tgz $name/model $name/config.yaml; done && ls -la $OUT
 for f in $OUT/eval-*.json; do python3 -c "import json,sys; d=json.load(open('$f')); print('$f'.split('/')[-1], {k: round(v,3) for k,v in d.items() if isinstance(v,float)})"; done
