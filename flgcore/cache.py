@@ -11,11 +11,11 @@ exactly as the family's pipeline builds them; plus `null.safetensors` (the empty
 Resumable: shard k always holds manifest rows [k*S, (k+1)*S) and a shard is written atomically, so a
 finished shard is skipped on restart. A video that cannot be read (missing, corrupt, too short) is
 reported by name in `skipped.jsonl` and left out of its shard; the rest goes on.
-Supported: Wan 2.1/2.2 pipelines with channel-concatenated image conditions (T2V, I2V), HunyuanVideo
-(T2V) and HunyuanVideo-I2V with `latent_concat` conditioning (its prompt is encoded with the first frame
-by LLaVA, as the pipeline does; the null prompt with a black image, as its true CFG does). Wan 2.2
-TI2V-5B (first-frame latent replacement) and HunyuanVideo-I2V `token_replace` are refused with a
-message, not guessed.
+Supported: Wan 2.1/2.2 pipelines with channel-concatenated image conditions (T2V, I2V), Wan 2.2 TI2V-5B
+(`expand_timesteps`: the first frame's latent replaces latent frame 0), HunyuanVideo (T2V) and
+HunyuanVideo-I2V with `latent_concat` conditioning (its prompt is encoded with the first frame by LLaVA,
+as the pipeline does; the null prompt with a black image, as its true CFG does). HunyuanVideo-I2V
+`token_replace` is refused with a message, not guessed.
 """
 from __future__ import annotations
 
@@ -95,11 +95,13 @@ def _first_frame_image(x: torch.Tensor):
 
 class WanEncoder:
     """The Wan pipeline's own encoders, used as the pipeline uses them (latents normalised with the VAE's
-    latents_mean / latents_std; the I2V condition = VAE([first frame, zeros...]), normalised likewise)."""
+    latents_mean / latents_std; the I2V condition = VAE([first frame, zeros...]), normalised likewise; the
+    Wan 2.2 TI2V condition = VAE(first frame) alone, placed at latent frame 0)."""
     max_sequence_length = 512  # the pipeline's default
 
-    def __init__(self, pipe, dtype: torch.dtype, device: str, image_conditioned: bool, max_len: int):
-        self.pipe, self.device, self.dtype, self.image_conditioned = pipe, device, dtype, image_conditioned
+    def __init__(self, pipe, dtype: torch.dtype, device: str, image_conditioned: bool, max_len: int, ti2v: bool = False):
+        self.pipe, self.device, self.dtype, self.image_conditioned = pipe, device, dtype, image_conditioned or ti2v
+        self.ti2v = ti2v
         self.max_len = max_len or self.max_sequence_length
         vae = self.pipe.vae
         self.mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
@@ -132,7 +134,10 @@ class WanEncoder:
     def clip(self, x: torch.Tensor, caption: str) -> dict[str, torch.Tensor]:
         """x [3, F, H, W] in [-1, 1] and its caption -> the clip's tensors (no leading batch dimension)."""
         item = dict(latents=self._vae(x[None])[0], **self._text(caption))
-        if self.image_conditioned:
+        if self.ti2v:  # Wan 2.2 TI2V: the first frame's own latent at frame 0, zeros after
+            item["image_latents"] = torch.zeros_like(item["latents"])
+            item["image_latents"][:, :1] = self._vae(x[None, :, :1])[0]
+        elif self.image_conditioned:
             cond = torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], dim=1)
             item["image_latents"] = self._vae(cond[None])[0]
             if getattr(self.pipe, "image_encoder", None) is not None:
@@ -191,8 +196,7 @@ def open_encoder(cfg: CacheConfig) -> WanEncoder:
     if not tcfg_path.is_file():
         raise FlgError(f"{root}: transformer/config.json is missing (needed to know the conditioning)")
     tcfg = json.loads(tcfg_path.read_text())
-    if name == "WanPipeline" and json.loads(index.read_text()).get("expand_timesteps"):
-        raise FlgError(f"{root}: Wan 2.2 TI2V (expand_timesteps) conditioning is not supported yet")
+    ti2v = name.startswith("Wan") and bool(json.loads(index.read_text()).get("expand_timesteps"))
     if name not in ("WanPipeline", "WanImageToVideoPipeline", "HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"):
         raise FlgError(f"{root}: flg cache supports the Wan and HunyuanVideo (T2V, I2V) pipelines; got {name!r}")
     if name == "HunyuanVideoImageToVideoPipeline" and tcfg.get("image_condition_type") != "latent_concat":
@@ -207,7 +211,7 @@ def open_encoder(cfg: CacheConfig) -> WanEncoder:
     if name.startswith("Hunyuan"):
         return HunyuanEncoder(pipe, dtype, cfg.device, name == "HunyuanVideoImageToVideoPipeline", cfg.max_sequence_length)
     return WanEncoder(pipe, dtype, cfg.device, tcfg["in_channels"] != (tcfg.get("out_channels") or tcfg["in_channels"]),
-                      cfg.max_sequence_length)
+                      cfg.max_sequence_length, ti2v)
 
 
 def _write_shard(path: Path, items: list[dict], names: list[str]) -> None:
@@ -289,7 +293,8 @@ def _word_tokenizer(words: set[str], special: list[str], bos: str | None = None)
                                    **{k: v for k, v in named.items() if v}), vocab
 
 
-def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: int = 0, family: str = "wan") -> Path:
+def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: int = 0, family: str = "wan",
+                        ti2v: bool = False) -> Path:
     """Save a tiny random-init pipeline of the real classes, for tests and dry runs. Wan: AutoencoderKLWan, a
     UMT5 encoder; HunyuanVideo: AutoencoderKLHunyuanVideo, a Llama (T2V) or LLaVA (I2V, seeing 576 image
     tokens as the real one) encoder and a CLIP text encoder; word-level tokenizers built offline, the
@@ -307,10 +312,10 @@ def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: i
     vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.1, -0.1, 0.2, 0.0],
                            latents_std=[1.5, 0.8, 1.2, 1.0]).eval()
-    transformer = tiny_model("wan-i2v" if image_conditioned else "wan-t2v", seed)
-    cls = WanImageToVideoPipeline if image_conditioned else WanPipeline
+    transformer = tiny_model("wan-ti2v" if ti2v else "wan-i2v" if image_conditioned else "wan-t2v", seed)
+    cls = WanImageToVideoPipeline if image_conditioned or ti2v else WanPipeline
     pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-               scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+               scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **(dict(expand_timesteps=True) if ti2v else {}))
     pipe.save_pretrained(out)
     return Path(out)
 

@@ -3,7 +3,7 @@
 Reads only configs, JSON files and safetensors headers (no weights are loaded), so it runs on a login
 node in seconds: paths, the checkpoint's class and block counts, block indices against them, the latent
 cache against the transformer (latent channels, text width, image condition present iff the model is
-image-conditioned), the global batch against the number of processes, and DeepSpeed's presence.
+image-conditioned; a Wan model without extra input channels takes either, T2V or Wan 2.2 TI2V), the global batch against the number of processes, and DeepSpeed's presence.
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def _check_cache(data: str, tcfg: dict | None) -> list[str]:
     if "prompt_embeds" in shapes and shapes["prompt_embeds"][-1] != text_dim:
         problems.append(f"data={data}: prompt_embeds width {shapes['prompt_embeds'][-1]}, the transformer expects {text_dim}")
     image_conditioned = tcfg["in_channels"] != out_ch
-    if image_conditioned != ("image_latents" in shapes):
+    ti2v_capable = tcfg["_class_name"] == "WanTransformer3DModel" and not image_conditioned  # text or Wan 2.2 TI2V
+    if image_conditioned != ("image_latents" in shapes) and not ti2v_capable:
         problems.append(f"data={data}: the transformer is {'image' if image_conditioned else 'text'}-conditioned but the "
                         f"cache {'lacks' if image_conditioned else 'has'} image_latents")
     return problems

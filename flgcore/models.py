@@ -3,7 +3,8 @@
 The families differ in two places only, both kept here in small tables: where the DiT blocks live
 (`FAMILIES`, used by `surgery`) and how a forward is called (`velocity`: Wan T2V, Wan I2V with the
 mask and the condition latents concatenated on channels, HunyuanVideo with its attention mask,
-pooled text and embedded guidance). Everything else in flgcore is family-agnostic.
+pooled text and embedded guidance, and Wan 2.2 TI2V with the first latent frame replaced by the image's
+at timestep 0). Everything else in flgcore is family-agnostic.
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ TINY = {
         num_single_layers=3, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type="latent_concat")),
 }
+TINY["wan-ti2v"] = TINY["wan-t2v"]  # Wan 2.2 TI2V has T2V's shape; the image enters by replacing frame 0
 
 
 def tiny_model(kind: str = "wan-i2v", seed: int = 0, **overrides):
@@ -171,6 +173,13 @@ def _first_frame_mask(x: torch.Tensor, channels: int) -> torch.Tensor:
     return mask
 
 
+def replaces_first_frame(model, cond: Cond) -> bool:
+    """Wan 2.2 TI2V: a Wan model without extra input channels, given an image condition, is conditioned by
+    replacing latent frame 0 with the image latent (at timestep 0), as the pipeline's `expand_timesteps` does."""
+    cfg = model.config
+    return family_of(model).name == "wan" and cond.image is not None and cfg.in_channels == cfg.out_channels
+
+
 def _wan_call(model, x, t, cond: Cond):
     cfg = model.config
     if cfg.in_channels != cfg.out_channels:  # I2V: [noisy latents, first-frame mask, condition latents]
@@ -178,6 +187,13 @@ def _wan_call(model, x, t, cond: Cond):
             raise FlgError("this Wan model is image-conditioned (in_channels > out_channels): pass an image condition")
         mask_ch = cfg.in_channels - 2 * cfg.out_channels
         x = torch.cat([x, _first_frame_mask(x, mask_ch), cond.image.to(x.dtype)], dim=1)
+    elif cond.image is not None:  # TI2V: frame 0 is the clean image latent, its tokens at timestep 0
+        x = torch.cat([cond.image[:, :, :1].to(x.dtype), x[:, :, 1:]], dim=2)
+        pt, ph, pw = cfg.patch_size
+        f, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+        per_frame = t[:, None, None].expand(-1, f, h * w).clone()
+        per_frame[:, 0] = 0
+        t = per_frame.flatten(1)  # [B, tokens]: the transformer's per-token timestep path
     return model(hidden_states=x, timestep=t, encoder_hidden_states=cond.text.to(x.dtype),
                  encoder_hidden_states_image=None if cond.image_embeds is None else cond.image_embeds.to(x.dtype),
                  return_dict=False)[0]
@@ -214,8 +230,14 @@ def velocity(model, x: torch.Tensor, s: torch.Tensor, cond: Cond) -> torch.Tenso
     dtype = next(model.parameters()).dtype
     t = (s * 1000.0).to(dtype)
     out = CALLS[family_of(model).name](model, x.to(dtype), t, cond).to(x.dtype)
+    s_ = s.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     if getattr(model, "flg_prediction", "velocity") == "x0":
-        out = (x - out) / s.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        out = (x - out) / s_
+    if replaces_first_frame(model, cond):
+        # The pipeline overwrites frame 0 with the condition and ignores the model there. We return the
+        # velocity whose x0 is exactly the condition, (x - c) / s: Euler steps then land on c at s = 0, and
+        # every flow-matching or DMD term is exactly zero on frame 0 when c is the clip's own first latent.
+        out = torch.cat([(x[:, :, :1] - cond.image[:, :, :1].to(x.dtype)) / s_, out[:, :, 1:]], dim=2)
     return out
 
 

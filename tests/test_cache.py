@@ -149,3 +149,45 @@ def test_hunyuanvideo_cache_matches_its_pipeline_and_trains(tmp_path, i2v):
     m = run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), data=str(tmp_path / "out"), out=str(tmp_path / "s3"),
                                 steps=2, batch_size=2, fake_updates=2, lora_rank=2, beta1=2.0))
     assert m["steps"] == 2
+
+
+def test_wan22_ti2v_cache_and_sampling_match_the_pipeline(tmp_path):
+    """Wan 2.2 TI2V (`expand_timesteps`): the cache holds the pipeline's first-frame condition, and our Euler
+    sampler with CFG, calling the transformer through `models.velocity`, lands on the pipeline's own latents."""
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+    from flgcore.flow import euler_sample
+    from flgcore.models import load_transformer, velocity_cfg
+    from flgcore.stage2 import Stage2Config, run_stage2
+    from flgcore.stage3 import Stage3Config, run_stage3
+    _write_videos(tmp_path)
+    pipe_dir = write_tiny_pipeline(tmp_path / "pipe", ti2v=True)
+    assert run_cache(_cfg(tmp_path, pipe_dir))["clips"] == 5
+    cache = LatentCache(tmp_path / "out")
+    x0, cond = cache.items([0])
+    assert cond.image.shape == x0.shape and not cond.image[:, :, 1:].any()
+
+    pipe = WanImageToVideoPipeline.from_pretrained(pipe_dir)
+    x = read_clip(str(tmp_path / "v0.mp4"), FRAMES, 1, 32, 32)
+    _, condition, _ = pipe.prepare_latents(x[:, 0][None], 1, 4, 32, 32, FRAMES, torch.float32, "cpu")
+    torch.testing.assert_close(cond.image[:, :, :1], condition)
+    # The causal VAE gives the first frame alone the clip's own first latent, so frame 0's losses vanish.
+    torch.testing.assert_close(cond.image[:, :, :1], x0[:, :, :1], atol=1e-5, rtol=1e-5)
+
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    image = Image.fromarray(((x[:, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    ref = pipe(image=image, prompt=synth.clip_spec(10).caption, negative_prompt="", height=32, width=32,
+               num_frames=FRAMES, num_inference_steps=3, guidance_scale=2.5, latents=noise.clone(),
+               max_sequence_length=8, output_type="latent").frames
+    model = load_transformer(pipe_dir)
+    pipe.scheduler.set_timesteps(3)
+    ours = euler_sample(lambda z, s: velocity_cfg(model, z, s, cond, cache.null_like(cond), 2.5), noise,
+                        pipe.scheduler.sigmas)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[:, :, :1], cond.image[:, :, :1], atol=1e-5, rtol=1e-5)
+
+    run_stage2(Stage2Config(model=str(pipe_dir), data=str(tmp_path / "out"), out=str(tmp_path / "s2"), drop=[1],
+                            steps=1, batch_size=2, warmup=1))
+    m = run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), data=str(tmp_path / "out"), out=str(tmp_path / "s3"),
+                                steps=2, batch_size=2, fake_updates=2, lora_rank=2, beta1=2.0))
+    assert m["steps"] == 2

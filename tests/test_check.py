@@ -40,6 +40,9 @@ def test_validator_accepts_a_good_setup_and_names_each_problem(tmp_path):
     _, problems = check_stage("stage1", None, [f"model={tmp_path / 'ckpt'}", f"data={tmp_path / 'cache_t2v'}"])
     assert any("image-conditioned but the cache lacks image_latents" in p for p in problems)
     assert main(["check", "stage1", f"model={tmp_path / 'ckpt'}", f"data={tmp_path / 'cache_t2v'}"]) == 2
+    t2v.save_pretrained(tmp_path / "ti2v" / "transformer")  # Wan 2.2 TI2V's shape: a text or an image cache
+    for cache in ("cache", "cache_t2v"):
+        assert check_stage("stage1", None, [f"model={tmp_path / 'ti2v'}", f"data={tmp_path / cache}"])[1] == []
 
 
 def test_validator_refuses_first_frame_token_replacement(tmp_path):
