@@ -14,8 +14,8 @@ reported by name in `skipped.jsonl` and left out of its shard; the rest goes on.
 Supported: Wan 2.1/2.2 pipelines with channel-concatenated image conditions (T2V, I2V), Wan 2.2 TI2V-5B
 (`expand_timesteps`: the first frame's latent replaces latent frame 0), HunyuanVideo (T2V) and
 HunyuanVideo-I2V with `latent_concat` conditioning (its prompt is encoded with the first frame by LLaVA,
-as the pipeline does; the null prompt with a black image, as its true CFG does). HunyuanVideo-I2V
-`token_replace` is refused with a message, not guessed.
+as the pipeline does; the null prompt with a black image, as its true CFG does) and with `token_replace`
+(the first frame's latent replaces latent frame 0; LLaVA keeps every 4th image token, as the pipeline does).
 """
 from __future__ import annotations
 
@@ -152,8 +152,10 @@ class HunyuanEncoder(WanEncoder):
     concatenates it. The null prompt is "" (with a black image for I2V, as the pipeline's true CFG does)."""
     max_sequence_length = 256
 
-    def __init__(self, pipe, dtype: torch.dtype, device: str, image_conditioned: bool, max_len: int):
+    def __init__(self, pipe, dtype: torch.dtype, device: str, image_conditioned: bool, max_len: int,
+                 interleave: int = 2):
         self.pipe, self.device, self.dtype, self.image_conditioned = pipe, device, dtype, image_conditioned
+        self.interleave = interleave  # LLaVA image tokens kept: every 2nd (latent_concat), every 4th (token_replace)
         self.max_len = max_len or self.max_sequence_length
         self.scale = pipe.vae.config.scaling_factor
         self.t_scale, self.s_scale = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
@@ -164,7 +166,7 @@ class HunyuanEncoder(WanEncoder):
 
     @torch.no_grad()
     def _text(self, caption: str, image=None) -> dict[str, torch.Tensor]:
-        kw = dict(image=image) if self.image_conditioned else {}
+        kw = dict(image=image, image_embed_interleave=self.interleave) if self.image_conditioned else {}
         e, pooled, mask = self.pipe.encode_prompt(prompt=[caption], device=self.device, dtype=self.dtype,
                                                   max_sequence_length=self.max_len, **kw)
         return dict(prompt_embeds=e[0].float().cpu(), prompt_mask=mask[0].float().cpu(), pooled=pooled[0].float().cpu())
@@ -199,9 +201,9 @@ def open_encoder(cfg: CacheConfig) -> WanEncoder:
     ti2v = name.startswith("Wan") and bool(json.loads(index.read_text()).get("expand_timesteps"))
     if name not in ("WanPipeline", "WanImageToVideoPipeline", "HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"):
         raise FlgError(f"{root}: flg cache supports the Wan and HunyuanVideo (T2V, I2V) pipelines; got {name!r}")
-    if name == "HunyuanVideoImageToVideoPipeline" and tcfg.get("image_condition_type") != "latent_concat":
+    if name == "HunyuanVideoImageToVideoPipeline" and tcfg.get("image_condition_type") not in ("latent_concat", "token_replace"):
         raise FlgError(f"{root}: HunyuanVideo-I2V image_condition_type {tcfg.get('image_condition_type')!r} is not "
-                       f"supported yet (supported: latent_concat)")
+                       f"supported (supported: latent_concat, token_replace)")
     dtype = getattr(torch, cfg.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise FlgError(f"dtype={cfg.dtype!r} is not a torch dtype")
@@ -209,7 +211,8 @@ def open_encoder(cfg: CacheConfig) -> WanEncoder:
     pipe = DiffusionPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype,
                                              **({"transformer_2": None} if name.startswith("Wan") else {})).to(cfg.device)
     if name.startswith("Hunyuan"):
-        return HunyuanEncoder(pipe, dtype, cfg.device, name == "HunyuanVideoImageToVideoPipeline", cfg.max_sequence_length)
+        return HunyuanEncoder(pipe, dtype, cfg.device, name == "HunyuanVideoImageToVideoPipeline", cfg.max_sequence_length,
+                              4 if tcfg.get("image_condition_type") == "token_replace" else 2)
     return WanEncoder(pipe, dtype, cfg.device, tcfg["in_channels"] != (tcfg.get("out_channels") or tcfg["in_channels"]),
                       cfg.max_sequence_length, ti2v)
 
@@ -294,13 +297,13 @@ def _word_tokenizer(words: set[str], special: list[str], bos: str | None = None)
 
 
 def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: int = 0, family: str = "wan",
-                        ti2v: bool = False) -> Path:
+                        ti2v: bool = False, token_replace: bool = False) -> Path:
     """Save a tiny random-init pipeline of the real classes, for tests and dry runs. Wan: AutoencoderKLWan, a
     UMT5 encoder; HunyuanVideo: AutoencoderKLHunyuanVideo, a Llama (T2V) or LLaVA (I2V, seeing 576 image
     tokens as the real one) encoder and a CLIP text encoder; word-level tokenizers built offline, the
     transformer from `models.TINY`, the flow-matching scheduler."""
     if family == "hunyuan":
-        return _write_tiny_hunyuan(out, image_conditioned, seed)
+        return _write_tiny_hunyuan(out, image_conditioned, seed, token_replace)
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
     from .models import tiny_model
@@ -320,7 +323,7 @@ def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: i
     return Path(out)
 
 
-def _write_tiny_hunyuan(out: str | Path, image_conditioned: bool, seed: int) -> Path:
+def _write_tiny_hunyuan(out: str | Path, image_conditioned: bool, seed: int, token_replace: bool = False) -> Path:
     import re
     import diffusers
     from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video as t2v, pipeline_hunyuan_video_image2video as i2v
@@ -350,7 +353,8 @@ def _write_tiny_hunyuan(out: str | Path, image_conditioned: bool, seed: int) -> 
     vae = diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                                               norm_num_groups=4).eval()
     cls = diffusers.HunyuanVideoImageToVideoPipeline if image_conditioned else diffusers.HunyuanVideoPipeline
-    pipe = cls(text_encoder=text_encoder, tokenizer=tokenizer, transformer=tiny_model("hunyuan-i2v" if image_conditioned else "hunyuan", seed),
+    pipe = cls(text_encoder=text_encoder, tokenizer=tokenizer, transformer=tiny_model(
+                   "hunyuan-i2v-tr" if token_replace else "hunyuan-i2v" if image_conditioned else "hunyuan", seed),
                vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip,
                tokenizer_2=tokenizer, **extra)
     pipe.save_pretrained(out)

@@ -27,10 +27,9 @@ def _transformer_config(model: str) -> tuple[dict | None, dict, list[str]]:
             meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
             if tcfg.get("_class_name") not in FAMILIES:
                 return None, meta, [f"model={model}: class {tcfg.get('_class_name')!r} is not supported ({', '.join(FAMILIES)})"]
-            if tcfg.get("image_condition_type") not in (None, "latent_concat"):
+            if tcfg.get("image_condition_type") not in (None, "latent_concat", "token_replace"):
                 return tcfg, meta, [f"model={model}: HunyuanVideo image_condition_type {tcfg['image_condition_type']!r} "
-                                    f"(first-frame token replacement) is not supported yet; latent_concat is "
-                                    f"(e.g. HunyuanVideo-I2V-33ch)"]
+                                    f"is not supported (latent_concat, token_replace are)"]
             return tcfg, meta, []
     return None, {}, [f"model={model}: no transformer config.json there (a diffusers pipeline or transformer directory?)"]
 
@@ -69,8 +68,8 @@ def _check_cache(data: str, tcfg: dict | None) -> list[str]:
     text_dim = tcfg.get("text_dim") or tcfg.get("text_embed_dim")
     if "prompt_embeds" in shapes and shapes["prompt_embeds"][-1] != text_dim:
         problems.append(f"data={data}: prompt_embeds width {shapes['prompt_embeds'][-1]}, the transformer expects {text_dim}")
-    image_conditioned = tcfg["in_channels"] != out_ch
-    ti2v_capable = tcfg["_class_name"] == "WanTransformer3DModel" and not image_conditioned  # text or Wan 2.2 TI2V
+    image_conditioned = tcfg["in_channels"] != out_ch or tcfg.get("image_condition_type") == "token_replace"
+    ti2v_capable = tcfg["_class_name"] == "WanTransformer3DModel" and not image_conditioned  # T2V or Wan 2.2 TI2V
     if image_conditioned != ("image_latents" in shapes) and not ti2v_capable:
         problems.append(f"data={data}: the transformer is {'image' if image_conditioned else 'text'}-conditioned but the "
                         f"cache {'lacks' if image_conditioned else 'has'} image_latents")

@@ -3,8 +3,8 @@
 The families differ in two places only, both kept here in small tables: where the DiT blocks live
 (`FAMILIES`, used by `surgery`) and how a forward is called (`velocity`: Wan T2V, Wan I2V with the
 mask and the condition latents concatenated on channels, HunyuanVideo with its attention mask,
-pooled text and embedded guidance, and Wan 2.2 TI2V with the first latent frame replaced by the image's
-at timestep 0). Everything else in flgcore is family-agnostic.
+pooled text and embedded guidance; Wan 2.2 TI2V and HunyuanVideo-I2V token_replace with the first
+latent frame replaced by the image's at timestep 0). Everything else in flgcore is family-agnostic.
 """
 from __future__ import annotations
 
@@ -102,6 +102,10 @@ TINY = {
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
         num_single_layers=3, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))),
+    "hunyuan-i2v-tr": ("HunyuanVideoTransformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
+        num_single_layers=3, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type="token_replace")),
     "hunyuan-i2v": ("HunyuanVideoTransformer3DModel", dict(
         in_channels=4 + 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
         num_single_layers=3, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
@@ -174,10 +178,13 @@ def _first_frame_mask(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def replaces_first_frame(model, cond: Cond) -> bool:
-    """Wan 2.2 TI2V: a Wan model without extra input channels, given an image condition, is conditioned by
-    replacing latent frame 0 with the image latent (at timestep 0), as the pipeline's `expand_timesteps` does."""
+    """Wan 2.2 TI2V (a Wan model without extra input channels, given an image condition; the pipeline's
+    `expand_timesteps`) and HunyuanVideo-I2V `token_replace` are conditioned by replacing latent frame 0
+    with the image latent, whose tokens see timestep 0."""
     cfg = model.config
-    return family_of(model).name == "wan" and cond.image is not None and cfg.in_channels == cfg.out_channels
+    if family_of(model).name == "hunyuan":
+        return cfg.image_condition_type == "token_replace"
+    return cond.image is not None and cfg.in_channels == cfg.out_channels
 
 
 def _wan_call(model, x, t, cond: Cond):
@@ -201,13 +208,15 @@ def _wan_call(model, x, t, cond: Cond):
 
 def _hunyuan_call(model, x, t, cond: Cond):
     cfg = model.config
+    if cfg.image_condition_type is not None and cond.image is None:
+        raise FlgError("this HunyuanVideo model is image-conditioned: pass an image condition")
     if cfg.image_condition_type == "latent_concat":  # [noisy latents, condition latents, first-frame mask]
-        if cond.image is None:
-            raise FlgError("this HunyuanVideo model is image-conditioned: pass an image condition")
         x = torch.cat([x, cond.image.to(x.dtype), _first_frame_mask(x, 1)], dim=1)
+    elif cfg.image_condition_type == "token_replace":  # frame 0 = the image latent; the model gives it timestep 0
+        x = torch.cat([cond.image[:, :, :1].to(x.dtype), x[:, :, 1:]], dim=2)
     elif cfg.image_condition_type is not None:
-        raise FlgError(f"HunyuanVideo image_condition_type {cfg.image_condition_type!r} is not supported yet "
-                       f"(supported: latent_concat, None)")
+        raise FlgError(f"HunyuanVideo image_condition_type {cfg.image_condition_type!r} is not supported "
+                       f"(supported: latent_concat, token_replace, None)")
     b = x.shape[0]
     mask = cond.text_mask if cond.text_mask is not None else torch.ones(b, cond.text.shape[1], device=x.device)
     pooled = cond.pooled if cond.pooled is not None else torch.zeros(b, cfg.pooled_projection_dim, device=x.device)
@@ -265,6 +274,7 @@ def probe_inputs(model, batch: int = 2, frames: int = 2, size: int = 8, seed: in
     pt = cfg.patch_size[0] if isinstance(cfg.patch_size, (list, tuple)) else getattr(cfg, "patch_size_t", 1)
     x = torch.randn(batch, c, frames * pt, size, size, generator=g)
     text_dim = getattr(cfg, "text_dim", None) or cfg.text_embed_dim
-    image = torch.randn(x.shape, generator=g) if cfg.in_channels != c else None
+    image_conditioned = cfg.in_channels != c or getattr(cfg, "image_condition_type", None) == "token_replace"
+    image = torch.randn(x.shape, generator=g) if image_conditioned else None
     cond = Cond(text=torch.randn(batch, 4, text_dim, generator=g), image=image)
     return x, torch.rand(batch, generator=g), cond

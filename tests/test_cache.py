@@ -191,3 +191,41 @@ def test_wan22_ti2v_cache_and_sampling_match_the_pipeline(tmp_path):
     m = run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), data=str(tmp_path / "out"), out=str(tmp_path / "s3"),
                                 steps=2, batch_size=2, fake_updates=2, lora_rank=2, beta1=2.0))
     assert m["steps"] == 2
+
+
+def test_hunyuanvideo_token_replace_cache_and_sampling_match_the_pipeline(tmp_path):
+    """HunyuanVideo-I2V `token_replace`: the cache holds the pipeline's prompt (every 4th LLaVA image token) and
+    first-frame latent, and our Euler sampler through `models.velocity` lands on the pipeline's own latents."""
+    from diffusers import HunyuanVideoImageToVideoPipeline
+    from PIL import Image
+    from flgcore.flow import euler_sample
+    from flgcore.models import load_transformer, velocity
+    from flgcore.stage2 import Stage2Config, run_stage2
+    _write_videos(tmp_path)
+    pipe_dir = write_tiny_pipeline(tmp_path / "pipe", family="hunyuan", token_replace=True)
+    assert run_cache(_cfg(tmp_path, pipe_dir, max_sequence_length=16))["clips"] == 5
+    cache = LatentCache(tmp_path / "out")
+    x0, cond = cache.items([0])
+
+    pipe = HunyuanVideoImageToVideoPipeline.from_pretrained(pipe_dir)
+    x = read_clip(str(tmp_path / "v0.mp4"), FRAMES, 1, 32, 32)
+    image = Image.fromarray(((x[:, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    caption = synth.clip_spec(10).caption
+    e, pooled, mask = pipe.encode_prompt(prompt=[caption], image=image, image_embed_interleave=4,
+                                         max_sequence_length=16, device="cpu")
+    torch.testing.assert_close(cond.text, e)
+    torch.testing.assert_close(cond.pooled, pooled)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    ref = pipe(image=image, prompt=caption, height=32, width=32, num_frames=FRAMES, num_inference_steps=3,
+               guidance_scale=cond.guidance, latents=noise.clone(), max_sequence_length=16, output_type="latent").frames
+    torch.testing.assert_close(cond.image[:, :, :1], ref[:, :, :1])  # the pipeline keeps frame 0 = its image latent
+    assert not cond.image[:, :, 1:].any()
+    # The pipeline starts from noise with 0.1 % of the image latent mixed into every frame; so do we here.
+    start = 0.999 * noise + 0.001 * cond.image[:, :, :1]
+    model = load_transformer(pipe_dir)
+    ours = euler_sample(lambda z, s: velocity(model, z, s, cond), start, pipe.scheduler.sigmas)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+    m = run_stage2(Stage2Config(model=str(pipe_dir), data=str(tmp_path / "out"), out=str(tmp_path / "s2"), drop=[1],
+                                steps=1, batch_size=2, warmup=1))
+    assert m["steps"] == 1

@@ -45,8 +45,15 @@ def test_validator_accepts_a_good_setup_and_names_each_problem(tmp_path):
         assert check_stage("stage1", None, [f"model={tmp_path / 'ti2v'}", f"data={tmp_path / cache}"])[1] == []
 
 
-def test_validator_refuses_first_frame_token_replacement(tmp_path):
+def test_validator_knows_hunyuanvideo_image_condition_types(tmp_path):
     model = tiny_model("hunyuan", in_channels=4, image_condition_type="token_replace")
     model.save_pretrained(tmp_path / "ckpt" / "transformer")
+    write_probe_cache(model, tmp_path / "cache")
+    assert check_stage("stage1", None, [f"model={tmp_path / 'ckpt'}", f"data={tmp_path / 'cache'}"])[1] == []
+    write_probe_cache(tiny_model("hunyuan"), tmp_path / "cache_t2v")  # token_replace needs the image condition
+    _, problems = check_stage("stage1", None, [f"model={tmp_path / 'ckpt'}", f"data={tmp_path / 'cache_t2v'}"])
+    assert any("lacks image_latents" in p for p in problems), problems
+    cfg = json.loads((tmp_path / "ckpt" / "transformer" / "config.json").read_text())
+    (tmp_path / "ckpt" / "transformer" / "config.json").write_text(json.dumps({**cfg, "image_condition_type": "other"}))
     _, problems = check_stage("stage1", None, [f"model={tmp_path / 'ckpt'}", "data=synth"])
-    assert any("'token_replace'" in p and "not supported" in p for p in problems), problems
+    assert any("'other'" in p and "not supported" in p for p in problems), problems
