@@ -82,17 +82,22 @@ def test_cache_resumes_without_redoing_finished_shards(world):
     assert after["shard_00002.safetensors"] == stamps["shard_00002.safetensors"]
 
 
-def test_stage3_trains_from_the_cache(world, tmp_path):
+def _train_from_cache(pipe_dir, data, tmp_path):
+    """One Stage-II step and two Stage-III iterations reading the cache: the shapes fit every model call."""
     from flgcore.stage2 import Stage2Config, run_stage2
     from flgcore.stage3 import Stage3Config, run_stage3
+    run_stage2(Stage2Config(model=str(pipe_dir), data=str(data), out=str(tmp_path / "s2"), drop=[1],
+                            steps=1, batch_size=2, warmup=1))
+    m = run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), data=str(data), out=str(tmp_path / "s3"),
+                                steps=2, batch_size=2, fake_updates=2, lora_rank=2, beta1=2.0))
+    assert m["steps"] == 2 and (tmp_path / "s3" / "student" / "transformer" / "config.json").is_file()
+
+
+def test_stage3_trains_from_the_cache(world, tmp_path):
     root, pipe_dir = world
     if not (root / "out").exists():
         run_cache(_cfg(root, pipe_dir))
-    run_stage2(Stage2Config(model=str(pipe_dir), data=str(root / "out"), out=str(tmp_path / "s2"), drop=[1],
-                            steps=1, batch_size=2, warmup=1))
-    m = run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), data=str(root / "out"), out=str(tmp_path / "s3"),
-                                steps=2, batch_size=2, fake_updates=2, lora_rank=2, beta1=2.0))
-    assert m["steps"] == 2 and (tmp_path / "s3" / "student" / "transformer" / "config.json").is_file()
+    _train_from_cache(pipe_dir, root / "out", tmp_path)
 
 
 def test_cache_refuses_bad_input_by_name(world, tmp_path):
@@ -113,8 +118,6 @@ def test_cache_refuses_bad_input_by_name(world, tmp_path):
 def test_hunyuanvideo_cache_matches_its_pipeline_and_trains(tmp_path, i2v):
     from diffusers import DiffusionPipeline
     from PIL import Image
-    from flgcore.stage2 import Stage2Config, run_stage2
-    from flgcore.stage3 import Stage3Config, run_stage3
     _write_videos(tmp_path)
     pipe_dir = write_tiny_pipeline(tmp_path / "pipe", image_conditioned=i2v, family="hunyuan")
     info = run_cache(_cfg(tmp_path, pipe_dir, max_sequence_length=16))
@@ -144,11 +147,7 @@ def test_hunyuanvideo_cache_matches_its_pipeline_and_trains(tmp_path, i2v):
     else:
         assert cond.image is None
 
-    run_stage2(Stage2Config(model=str(pipe_dir), data=str(tmp_path / "out"), out=str(tmp_path / "s2"), drop=[1],
-                            steps=1, batch_size=2, warmup=1))
-    m = run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), data=str(tmp_path / "out"), out=str(tmp_path / "s3"),
-                                steps=2, batch_size=2, fake_updates=2, lora_rank=2, beta1=2.0))
-    assert m["steps"] == 2
+    _train_from_cache(pipe_dir, tmp_path / "out", tmp_path)
 
 
 def test_wan22_ti2v_cache_and_sampling_match_the_pipeline(tmp_path):
@@ -158,8 +157,6 @@ def test_wan22_ti2v_cache_and_sampling_match_the_pipeline(tmp_path):
     from PIL import Image
     from flgcore.flow import euler_sample
     from flgcore.models import load_transformer, velocity_cfg
-    from flgcore.stage2 import Stage2Config, run_stage2
-    from flgcore.stage3 import Stage3Config, run_stage3
     _write_videos(tmp_path)
     pipe_dir = write_tiny_pipeline(tmp_path / "pipe", ti2v=True)
     assert run_cache(_cfg(tmp_path, pipe_dir))["clips"] == 5
@@ -186,11 +183,7 @@ def test_wan22_ti2v_cache_and_sampling_match_the_pipeline(tmp_path):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours[:, :, :1], cond.image[:, :, :1], atol=1e-5, rtol=1e-5)
 
-    run_stage2(Stage2Config(model=str(pipe_dir), data=str(tmp_path / "out"), out=str(tmp_path / "s2"), drop=[1],
-                            steps=1, batch_size=2, warmup=1))
-    m = run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), data=str(tmp_path / "out"), out=str(tmp_path / "s3"),
-                                steps=2, batch_size=2, fake_updates=2, lora_rank=2, beta1=2.0))
-    assert m["steps"] == 2
+    _train_from_cache(pipe_dir, tmp_path / "out", tmp_path)
 
 
 def test_hunyuanvideo_token_replace_cache_and_sampling_match_the_pipeline(tmp_path):
@@ -200,7 +193,6 @@ def test_hunyuanvideo_token_replace_cache_and_sampling_match_the_pipeline(tmp_pa
     from PIL import Image
     from flgcore.flow import euler_sample
     from flgcore.models import load_transformer, velocity
-    from flgcore.stage2 import Stage2Config, run_stage2
     _write_videos(tmp_path)
     pipe_dir = write_tiny_pipeline(tmp_path / "pipe", family="hunyuan", token_replace=True)
     assert run_cache(_cfg(tmp_path, pipe_dir, max_sequence_length=16))["clips"] == 5
@@ -226,6 +218,4 @@ def test_hunyuanvideo_token_replace_cache_and_sampling_match_the_pipeline(tmp_pa
     ours = euler_sample(lambda z, s: velocity(model, z, s, cond), start, pipe.scheduler.sigmas)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
-    m = run_stage2(Stage2Config(model=str(pipe_dir), data=str(tmp_path / "out"), out=str(tmp_path / "s2"), drop=[1],
-                                steps=1, batch_size=2, warmup=1))
-    assert m["steps"] == 1
+    _train_from_cache(pipe_dir, tmp_path / "out", tmp_path)
