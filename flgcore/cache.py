@@ -134,15 +134,20 @@ class WanEncoder:
     def clip(self, x: torch.Tensor, caption: str) -> dict[str, torch.Tensor]:
         """x [3, F, H, W] in [-1, 1] and its caption -> the clip's tensors (no leading batch dimension)."""
         item = dict(latents=self._vae(x[None])[0], **self._text(caption))
-        if self.ti2v:  # Wan 2.2 TI2V: the first frame's own latent at frame 0, zeros after
-            item["image_latents"] = torch.zeros_like(item["latents"])
-            item["image_latents"][:, :1] = self._vae(x[None, :, :1])[0]
+        if self.ti2v:
+            item["image_latents"] = self._first_frame_condition(x, item["latents"])
         elif self.image_conditioned:
             cond = torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], dim=1)
             item["image_latents"] = self._vae(cond[None])[0]
             if getattr(self.pipe, "image_encoder", None) is not None:
                 item["image_embeds"] = self.pipe.encode_image(_first_frame_image(x), self.device)[0].float().cpu()
         return item
+
+    def _first_frame_condition(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The first frame's latent, encoded alone, at latent frame 0 and zeros after (Wan 2.2 TI2V, HunyuanVideo-I2V)."""
+        cond = torch.zeros_like(latents)
+        cond[:, :1] = self._vae(x[None, :, :1])[0]
+        return cond
 
 
 class HunyuanEncoder(WanEncoder):
@@ -180,10 +185,7 @@ class HunyuanEncoder(WanEncoder):
         image = _first_frame_image(x) if self.image_conditioned else None
         item = dict(latents=self._vae(x[None])[0], **self._text(caption, image))
         if self.image_conditioned:
-            first = self._vae(x[None, :, :1])[0]  # [C, 1, h, w]
-            cond = torch.zeros_like(item["latents"])
-            cond[:, :1] = first
-            item["image_latents"] = cond
+            item["image_latents"] = self._first_frame_condition(x, item["latents"])
         return item
 
 
@@ -193,12 +195,13 @@ def open_encoder(cfg: CacheConfig) -> WanEncoder:
     index = root / "model_index.json"
     if not index.is_file():
         raise FlgError(f"pipeline={cfg.pipeline!r}: no model_index.json (give a local diffusers pipeline directory)")
-    name = json.loads(index.read_text()).get("_class_name", "")
+    index_cfg = json.loads(index.read_text())
+    name = index_cfg.get("_class_name", "")
     tcfg_path = root / "transformer" / "config.json"
     if not tcfg_path.is_file():
         raise FlgError(f"{root}: transformer/config.json is missing (needed to know the conditioning)")
     tcfg = json.loads(tcfg_path.read_text())
-    ti2v = name.startswith("Wan") and bool(json.loads(index.read_text()).get("expand_timesteps"))
+    ti2v = name.startswith("Wan") and bool(index_cfg.get("expand_timesteps"))
     if name not in ("WanPipeline", "WanImageToVideoPipeline", "HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"):
         raise FlgError(f"{root}: flg cache supports the Wan and HunyuanVideo (T2V, I2V) pipelines; got {name!r}")
     if name == "HunyuanVideoImageToVideoPipeline" and tcfg.get("image_condition_type") not in ("latent_concat", "token_replace"):

@@ -3,7 +3,8 @@
 Reads only configs, JSON files and safetensors headers (no weights are loaded), so it runs on a login
 node in seconds: paths, the checkpoint's class and block counts, block indices against them, the latent
 cache against the transformer (latent channels, text width, image condition present iff the model is
-image-conditioned; a Wan model without extra input channels takes either, T2V or Wan 2.2 TI2V), the global batch against the number of processes, and DeepSpeed's presence.
+image-conditioned; a Wan model without extra input channels takes either, T2V or Wan 2.2 TI2V), the
+global batch against the number of processes, and DeepSpeed's presence.
 """
 from __future__ import annotations
 

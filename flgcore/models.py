@@ -182,9 +182,11 @@ def replaces_first_frame(model, cond: Cond) -> bool:
     `expand_timesteps`) and HunyuanVideo-I2V `token_replace` are conditioned by replacing latent frame 0
     with the image latent, whose tokens see timestep 0."""
     cfg = model.config
+    if cond.image is None:
+        return False
     if family_of(model).name == "hunyuan":
         return cfg.image_condition_type == "token_replace"
-    return cond.image is not None and cfg.in_channels == cfg.out_channels
+    return cfg.in_channels == cfg.out_channels
 
 
 def _wan_call(model, x, t, cond: Cond):
@@ -194,8 +196,7 @@ def _wan_call(model, x, t, cond: Cond):
             raise FlgError("this Wan model is image-conditioned (in_channels > out_channels): pass an image condition")
         mask_ch = cfg.in_channels - 2 * cfg.out_channels
         x = torch.cat([x, _first_frame_mask(x, mask_ch), cond.image.to(x.dtype)], dim=1)
-    elif cond.image is not None:  # TI2V: frame 0 is the clean image latent, its tokens at timestep 0
-        x = torch.cat([cond.image[:, :, :1].to(x.dtype), x[:, :, 1:]], dim=2)
+    elif cond.image is not None:  # TI2V (`velocity` has put the image latent at frame 0): its tokens at timestep 0
         pt, ph, pw = cfg.patch_size
         f, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
         per_frame = t[:, None, None].expand(-1, f, h * w).clone()
@@ -212,9 +213,7 @@ def _hunyuan_call(model, x, t, cond: Cond):
         raise FlgError("this HunyuanVideo model is image-conditioned: pass an image condition")
     if cfg.image_condition_type == "latent_concat":  # [noisy latents, condition latents, first-frame mask]
         x = torch.cat([x, cond.image.to(x.dtype), _first_frame_mask(x, 1)], dim=1)
-    elif cfg.image_condition_type == "token_replace":  # frame 0 = the image latent; the model gives it timestep 0
-        x = torch.cat([cond.image[:, :, :1].to(x.dtype), x[:, :, 1:]], dim=2)
-    elif cfg.image_condition_type is not None:
+    elif cfg.image_condition_type not in (None, "token_replace"):  # token_replace: frame 0 set by `velocity`
         raise FlgError(f"HunyuanVideo image_condition_type {cfg.image_condition_type!r} is not supported "
                        f"(supported: latent_concat, token_replace, None)")
     b = x.shape[0]
@@ -238,15 +237,18 @@ def velocity(model, x: torch.Tensor, s: torch.Tensor, cond: Cond) -> torch.Tenso
     """
     dtype = next(model.parameters()).dtype
     t = (s * 1000.0).to(dtype)
-    out = CALLS[family_of(model).name](model, x.to(dtype), t, cond).to(x.dtype)
+    first = replaces_first_frame(model, cond)
+    c0 = cond.image[:, :, :1].to(x.dtype) if first else None
+    x_in = torch.cat([c0, x[:, :, 1:]], dim=2) if first else x
+    out = CALLS[family_of(model).name](model, x_in.to(dtype), t, cond).to(x.dtype)
     s_ = s.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     if getattr(model, "flg_prediction", "velocity") == "x0":
         out = (x - out) / s_
-    if replaces_first_frame(model, cond):
+    if first:
         # The pipeline overwrites frame 0 with the condition and ignores the model there. We return the
         # velocity whose x0 is exactly the condition, (x - c) / s: Euler steps then land on c at s = 0, and
         # every flow-matching or DMD term is exactly zero on frame 0 when c is the clip's own first latent.
-        out = torch.cat([(x[:, :, :1] - cond.image[:, :, :1].to(x.dtype)) / s_, out[:, :, 1:]], dim=2)
+        out = torch.cat([(x[:, :, :1] - c0) / s_, out[:, :, 1:]], dim=2)
     return out
 
 
