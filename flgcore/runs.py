@@ -17,10 +17,19 @@ import numpy as np
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    # mkstemp creates 0600; give the file the mode a plain open() would, so colleagues on a shared
+    # cluster can read metrics.json and configs.
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -69,6 +78,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) 
     ck.mkdir(parents=True, exist_ok=True)
     final = ck / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=ck, prefix=".tmp_"))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; a checkpoint folder gets the mode of a plain mkdir
     torch.save(state, tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)

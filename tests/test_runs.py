@@ -1,0 +1,44 @@
+"""Run-folder writes: atomic, and readable by whoever a plain open() would let read them."""
+import os
+import stat
+
+import pytest
+import torch
+
+from flgcore.runs import atomic_write_text, latest_checkpoint, save_checkpoint, write_json
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_run_files_and_checkpoints_get_the_umask_mode_not_0600(tmp_path, umask_022):
+    write_json(tmp_path / "metrics.json", {"a": 1})
+    atomic_write_text(tmp_path / "sub" / "config.yaml", "x: 1\n")
+    ck = save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)})
+    assert _mode(tmp_path / "metrics.json") == 0o644
+    assert _mode(tmp_path / "sub" / "config.yaml") == 0o644
+    assert _mode(ck) == 0o755
+
+
+def test_a_rewrite_replaces_the_file_and_leaves_no_temp_files(tmp_path):
+    write_json(tmp_path / "m.json", {"a": 1})
+    write_json(tmp_path / "m.json", {"a": 2})
+    assert (tmp_path / "m.json").read_text().strip().endswith("}") and '"a": 2' in (tmp_path / "m.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_checkpoints_keep_the_newest_two_complete_ones(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"step": step})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000002", "step_00000003"]
+    (tmp_path / "checkpoints" / "step_00000004").mkdir()  # an incomplete folder (no state.pt) is never resumed
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
