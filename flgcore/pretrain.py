@@ -64,6 +64,9 @@ class PretrainConfig:
     prediction: str = "x0"
     min_sigma: float = 0.05
     init_from: str | None = None  # warm start: a model directory (e.g. synth-tiny) whose weights start the run
+    # torch.compile the model in place (the class stays a diffusers model): ~1.2x per step on the 2-core CPU
+    # (2.5-2.8 s against 3.3 s at batch 32), after a one-off compile of ~3 min per (re)start (LOG.md).
+    compile: bool = False
 
 
 def build_teacher(arch: TeacherArch, seed: int = 0):
@@ -134,6 +137,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         from .models import load_transformer
         model.load_state_dict(load_transformer(cfg.init_from).state_dict())
     model.to(cfg.device)
+    if cfg.compile:
+        model.compile()
     encoder = synth.TextEncoder.create(dim=cfg.arch.text_dim)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))

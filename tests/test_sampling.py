@@ -50,6 +50,21 @@ def test_pretrain_resumes_to_identical_weights(tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_a_compiled_pretrain_logs_the_eager_losses_and_exports_a_plain_model(tiny_run, tmp_path):
+    from pathlib import Path
+    cfg = load_config(PretrainConfig, None, [f"out={tmp_path / 'run'}", "steps=4", "batch_size=4", "ckpt_every=2",
+                                             "log_every=1", "warmup=2", "compile=true", *TINY_ARCH])
+    run_pretrain(cfg)
+    eager = [json.loads(r)["loss"] for r in (Path(tiny_run.out) / "log.jsonl").read_text().splitlines()]
+    compiled = [json.loads(r)["loss"] for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(compiled, eager, rtol=1e-3)
+    a = load_bundle(Path(tiny_run.out) / "model").model.state_dict()
+    b = load_bundle(tmp_path / "run" / "model").model.state_dict()  # same keys: no "_orig_mod." prefix
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-2, atol=1e-4) for k in a)
+
+
 def test_clips_do_not_depend_on_batching(tiny_run):
     from pathlib import Path
     bundle = load_bundle(Path(tiny_run.out) / "model")
