@@ -219,6 +219,32 @@ def drop_for(stage1_run: str | Path, model, retention: float) -> list[int]:
     return complement(model, keep)
 
 
+def best_alpha(alpha_table: pd.DataFrame | str | Path) -> float:
+    """The Stage-II alpha whose drop view scored the highest SynthBench average in an alpha sweep (a table
+    or notebook 02's alpha.csv); rows that are not an alpha (the untrained skip baseline) are ignored. The
+    paper chose its alpha = 1 the same way, from Table 4; on a testbed where another alpha wins, the later
+    ablations should start from that one rather than from a collapsed model."""
+    from .models import FlgError
+    if not isinstance(alpha_table, pd.DataFrame):
+        if not Path(alpha_table).is_file():
+            raise FlgError(f"{alpha_table} not found: run notebook 02_stage2_ablations first, or pass stage2_model / alpha")
+        alpha_table = pd.read_csv(alpha_table, index_col=0)
+    alphas = pd.to_numeric(pd.Series(alpha_table.index, index=alpha_table.index), errors="coerce")
+    scores = alpha_table["average"][alphas.notna()].astype(float)
+    if scores.empty:
+        raise FlgError("the alpha table has no trained rows")
+    return float(alphas[scores.idxmax()])
+
+
+def best_stage2_model(runs_root: str | Path) -> str:
+    """Notebook 02's Stage-II model of the best alpha (see `best_alpha`)."""
+    nb02 = Path(runs_root) / "02_stage2_ablations"
+    best = best_alpha(nb02 / "alpha.csv")
+    # the folder report.sweep made for that value, whether it was written as 1 or 1.0
+    found = [d for d in nb02.glob("alpha_*") if float(d.name[len("alpha_"):]) == best]
+    return str((found[0] if found else nb02 / f"alpha_{best}") / "model")
+
+
 def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_fields: dict,
           model_subdir: str = "model") -> pd.DataFrame:
     """Run `stage` once per value of config field `key` (each in out/<key>_<value>), evaluate what it

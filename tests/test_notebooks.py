@@ -53,3 +53,20 @@ def test_every_notebook_runs_end_to_end(tmp_path):
     assert (tmp_path / "quick" / "04_steps_vs_retention" / "grid.csv").is_file()
     # a second run reuses every finished notebook
     assert set(run_notebooks("quick", params=TINY, out=tmp_path).values()) == {"reused"}
+
+
+def test_later_notebooks_start_from_the_best_alpha_of_notebook_02(tmp_path):
+    import pandas as pd
+    from flgcore.models import FlgError
+    from flgcore.report import best_alpha, best_stage2_model
+    table = pd.DataFrame({"average": [0.9, 0.10, 0.26, 0.01]}, index=["skip, untrained", 0.0, 0.5, 1.0])
+    assert best_alpha(table) == 0.5  # the untrained baseline row is not an alpha
+    nb02 = tmp_path / "02_stage2_ablations"
+    nb02.mkdir()
+    table.to_csv(nb02 / "alpha.csv")
+    assert best_stage2_model(tmp_path) == str(nb02 / "alpha_0.5" / "model")  # the folder report.sweep writes
+    (nb02 / "alpha_1").mkdir()  # a sweep over alphas=[0, 1] names its folders without ".0"
+    pd.DataFrame({"average": [0.1, 0.3]}, index=[0, 1]).to_csv(nb02 / "alpha.csv")
+    assert best_stage2_model(tmp_path) == str(nb02 / "alpha_1" / "model")
+    with pytest.raises(FlgError, match="run notebook 02_stage2_ablations first"):
+        best_stage2_model(tmp_path / "elsewhere")
