@@ -36,6 +36,7 @@ class BenchConfig:
     teacher_steps: int | None = None  # None: the teacher's saved schedule (50 Euler steps, CFG)
     teacher_cfg: float | None = None
     threads: int = 0
+    device: str = "cpu"           # "cuda": time on a GPU (sampling ends with a copy to the CPU, which syncs)
 
 
 def block_params(model) -> int:
@@ -60,7 +61,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.n < 1 or cfg.repeats < 1 or cfg.warmup < 0:
         raise FlgError(f"need n >= 1, repeats >= 1, warmup >= 0; got n={cfg.n}, repeats={cfg.repeats}, warmup={cfg.warmup}")
-    teacher, student = load_bundle(cfg.teacher), load_bundle(cfg.student)
+    teacher, student = load_bundle(cfg.teacher, device=cfg.device), load_bundle(cfg.student, device=cfg.device)
     if student.meta.get("sampler") != "fewstep":
         raise FlgError(f"{cfg.student} is not a few-step student (its saved sampler is {student.meta.get('sampler')!r})")
     seeds = synth.heldout_seeds(cfg.n)
@@ -78,7 +79,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     theoretical = (t["nfe"] * t["block_params"]) / (s["nfe"] * s["block_params"])
     measured = t["sec_per_clip"] / s["sec_per_clip"]
     summary = dict(theoretical_speedup=theoretical, measured_speedup=measured, ratio=measured / theoretical,
-                   device=f"cpu ({torch.get_num_threads()} threads)", n=cfg.n)
+                   device=torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+                   n=cfg.n)
     out = Path(cfg.out)
     save_config(cfg, out)
     pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)

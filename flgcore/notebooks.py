@@ -62,12 +62,15 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
     unknown = [n for n in names if n not in ORDER]
     if unknown:
         raise FlgError(f"unknown notebook(s) {unknown}; known: {ORDER}")
+    import torch
+    params = dict(params or {})
+    params.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # every stage and eval runs there
     status: dict[str, str] = {}
-    for name in tqdm(names, desc=f"notebooks ({profile})", dynamic_ncols=True):
+    for name in tqdm(names, desc=f"notebooks ({profile}, {params['device']})", dynamic_ncols=True):
         src = NOTEBOOK_DIR / f"{name}.ipynb"
         run_dir = Path(out) / profile / name
         defaults = parameters_of(src)
-        p = dict(PROFILES[profile].get(name, {}), **(params or {}))
+        p = dict(PROFILES[profile].get(name, {}), **params)
         p = {k: v for k, v in p.items() if k in defaults}  # -p applies to the notebooks that have the name
         p.update(out=str(run_dir), figures="figures" if profile == "full" else str(run_dir / "figures"),
                  runs_root=str(Path(out) / profile))

@@ -101,7 +101,10 @@ def plot_heatmap(by_sigma: pd.DataFrame, ax=None):
 
 def scoring_batches_for(bundle, n: int, sigmas: list[float], seed: int, batch_size: int = 16):
     from .importance import Stage1Config, scoring_batches
-    return list(scoring_batches(Stage1Config(n=n, sigmas=list(sigmas), seed=seed, batch_size=batch_size), bundle.encoder))
+    from .models import to_device
+    device = next(bundle.model.parameters()).device  # the draws are made on the CPU, then moved to the model
+    return [to_device(device, *b) for b in scoring_batches(Stage1Config(n=n, sigmas=list(sigmas), seed=seed, batch_size=batch_size),
+                                                           bundle.encoder)]
 
 
 @torch.no_grad()

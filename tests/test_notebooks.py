@@ -3,6 +3,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from flgcore.bench import BenchConfig
 from flgcore.evaluate import EvalConfig
@@ -51,6 +52,8 @@ def test_every_notebook_runs_end_to_end(tmp_path):
     assert status == {name: "ok" for name in ORDER}, status
     assert (tmp_path / "quick" / "01_block_importance" / "block_importance.png").is_file()
     assert (tmp_path / "quick" / "04_steps_vs_retention" / "grid.csv").is_file()
+    executed = json.loads((tmp_path / "quick" / "03_stage3_ablations" / "03_stage3_ablations.ipynb").read_text())
+    assert executed["metadata"]["papermill"]["parameters"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     # a second run reuses every finished notebook
     assert set(run_notebooks("quick", params=TINY, out=tmp_path).values()) == {"reused"}
 
