@@ -65,6 +65,9 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
     import torch
     params = dict(params or {})
     params.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # every stage and eval runs there
+    # a sweep's runs at once: the tiny testbed model leaves most of a GPU idle; on a CPU they would only
+    # compete for the same cores
+    params.setdefault("jobs", 4 if params["device"].startswith("cuda") else 1)
     status: dict[str, str] = {}
     for name in tqdm(names, desc=f"notebooks ({profile}, {params['device']})", dynamic_ncols=True):
         src = NOTEBOOK_DIR / f"{name}.ipynb"

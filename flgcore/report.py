@@ -248,16 +248,34 @@ def best_stage2_model(runs_root: str | Path) -> str:
     return str((found[0] if found else nb02 / f"alpha_{best}") / "model")
 
 
+def _run_and_evaluate(stage: str, fields: dict, eval_fields: dict) -> None:
+    run(stage, **fields)
+    evaluated(**eval_fields)
+
+
 def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_fields: dict,
-          model_subdir: str = "model") -> pd.DataFrame:
+          model_subdir: str = "model", jobs: int = 1) -> pd.DataFrame:
     """Run `stage` once per value of config field `key` (each in out/<key>_<value>), evaluate what it
-    made with `flg eval` (eval_fields: n, steps, view...), and return one SynthBench row per value."""
-    results = {}
+    made with `flg eval` (eval_fields: n, steps, view...), and return one SynthBench row per value.
+
+    jobs > 1 runs the values in that many processes at once: a tiny model leaves most of a GPU idle, so
+    several runs share one at nearly the speed of one. Each run is a pure function of its config, so the
+    table is the same for any `jobs`."""
+    todo = []
     for v in values:
         tag = f"{key}_{v}".replace(" ", "").replace("[", "").replace("]", "").replace(",", "-")
         run_dir = Path(out) / tag
-        run(stage, **dict(base, **{key: v}, out=str(run_dir)))
-        results[v if isinstance(v, (int, float, str)) else str(v)] = evaluated(**dict(eval_fields, model=str(run_dir / model_subdir), out=str(run_dir / "eval")))
+        todo.append((v, dict(base, **{key: v}, out=str(run_dir)),
+                     dict(eval_fields, model=str(run_dir / model_subdir), out=str(run_dir / "eval"))))
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_run_and_evaluate, [stage] * len(todo), [t[1] for t in todo], [t[2] for t in todo]))
+    results = {}
+    for v, fields, ev in todo:  # after a parallel pass these only read the finished run folders
+        run(stage, **fields)
+        results[v if isinstance(v, (int, float, str)) else str(v)] = evaluated(**ev)
     table = scores_table(results)
     table.index.name = key
     return table

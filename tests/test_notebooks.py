@@ -15,7 +15,7 @@ from flgcore.stage3 import Stage3Config
 FIELDS = {f.name for c in (Stage1Config, Stage2Config, Stage3Config) for f in dataclasses.fields(c)}
 PREFIXED = {"eval_": EvalConfig, "bench_": BenchConfig, "clip_": EvalConfig}
 # notebook-level inputs that are not one config's field: where to write, and which earlier run to read
-NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds"}
+NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds", "jobs"}
 
 
 def named_like_a_field(name: str) -> bool:
@@ -73,3 +73,21 @@ def test_later_notebooks_start_from_the_best_alpha_of_notebook_02(tmp_path):
     assert best_stage2_model(tmp_path) == str(nb02 / "alpha_1" / "model")
     with pytest.raises(FlgError, match="run notebook 02_stage2_ablations first"):
         best_stage2_model(tmp_path / "elsewhere")
+
+
+def test_a_sweep_in_parallel_processes_gives_the_same_table(tiny_bundle_dir, tmp_path, monkeypatch):
+    import pandas as pd
+    from flgcore import report
+    base = dict(model=str(tiny_bundle_dir), drop=[1, 2], steps=2, batch_size=2, warmup=1, threads=1)
+    ev = dict(view="drop", n=2, steps=2, threads=1)
+    serial = report.sweep("stage2", "alpha", [0.5, 1.0], base, tmp_path / "serial", ev)
+    # from here on this process may only read finished runs: the work must happen in the spawned ones
+    stage = report._stage
+
+    def read_only(name):
+        def refuse(cfg):
+            raise AssertionError(f"{name} ran in the parent process")
+        return stage(name)[0], refuse
+    monkeypatch.setattr(report, "_stage", read_only)
+    parallel = report.sweep("stage2", "alpha", [0.5, 1.0], base, tmp_path / "parallel", ev, jobs=2)
+    pd.testing.assert_frame_equal(serial, parallel)
