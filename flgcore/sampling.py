@@ -139,18 +139,25 @@ def to_uint8(clip: torch.Tensor, scale: int = 4) -> np.ndarray:
 
 
 def save_video(clip: torch.Tensor, stem: str | Path, fps: int = 4, scale: int = 4) -> list[Path]:
-    """Write stem.mp4, stem.gif and stem.png (the frames side by side)."""
-    import imageio.v2 as imageio
+    """Write stem.mp4, stem.gif and stem.png (the frames side by side). Without imageio-ffmpeg (a bare GPU
+    image carrying only what a run needs) the mp4 is skipped with a warning, and the gif and png still come."""
+    import importlib.util
+    import warnings
     from PIL import Image
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     frames = to_uint8(clip, scale)
     paths = [stem.parent / f"{stem.name}.{ext}" for ext in ("mp4", "gif", "png")]  # stems may contain dots
-    # frame sizes are multiples of 16, so imageio's macro-block resizing leaves them alone
-    imageio.mimwrite(paths[0], list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=8)
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        warnings.warn("imageio-ffmpeg is not installed: writing gif and png only, no mp4", stacklevel=2)
+        paths = paths[1:]
+    else:
+        import imageio.v2 as imageio
+        # frame sizes are multiples of 16, so imageio's macro-block resizing leaves them alone
+        imageio.mimwrite(paths[0], list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=8)
     imgs = [Image.fromarray(f) for f in frames]
-    imgs[0].save(paths[1], save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-    Image.fromarray(np.concatenate(list(frames), axis=1)).save(paths[2])
+    imgs[0].save(paths[-2], save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    Image.fromarray(np.concatenate(list(frames), axis=1)).save(paths[-1])
     return paths
 
 

@@ -99,3 +99,18 @@ def test_sample_and_eval_commands(tiny_run, tmp_path, capsys):
 def test_bad_model_directory_is_one_line(tmp_path, capsys):
     assert main(["eval", f"model={tmp_path}", f"out={tmp_path / 'e'}"]) == 2
     assert "not a flgcore model directory" in capsys.readouterr().err
+
+
+def test_save_video_skips_only_the_mp4_without_imageio_ffmpeg(tmp_path, monkeypatch):
+    import importlib.util
+
+    from flgcore.sampling import save_video
+    clip = torch.rand(3, synth.FRAMES, synth.SIZE, synth.SIZE) * 2 - 1
+    assert [p.suffix for p in save_video(clip, tmp_path / "a.b")] == [".mp4", ".gif", ".png"]
+    assert all((tmp_path / f"a.b.{e}").stat().st_size > 0 for e in ("mp4", "gif", "png"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else find_spec(name, *a))
+    with pytest.warns(UserWarning, match="imageio-ffmpeg"):
+        paths = save_video(clip, tmp_path / "c")
+    assert [p.suffix for p in paths] == [".gif", ".png"] and all(p.stat().st_size > 0 for p in paths)
+    assert not (tmp_path / "c.mp4").exists()
