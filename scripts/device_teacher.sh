@@ -12,7 +12,7 @@
 # checkpoint, the rest of the budget trains eagerly), DEVICE (cuda; `DEVICE=cpu BUDGET=30 STEPS=4 BATCH=2`
 # dry-runs the script here). diffusers travels as a wheel in .whl/ (the device image has torch, not diffusers).
 set -u
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20 OMP_NUM_THREADS=1
