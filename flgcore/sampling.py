@@ -147,18 +147,17 @@ def save_video(clip: torch.Tensor, stem: str | Path, fps: int = 4, scale: int = 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     frames = to_uint8(clip, scale)
-    paths = [stem.parent / f"{stem.name}.{ext}" for ext in ("mp4", "gif", "png")]  # stems may contain dots
+    mp4, gif, png = (stem.parent / f"{stem.name}.{ext}" for ext in ("mp4", "gif", "png"))  # stems may contain dots
+    imgs = [Image.fromarray(f) for f in frames]
+    imgs[0].save(gif, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    Image.fromarray(np.concatenate(list(frames), axis=1)).save(png)
     if importlib.util.find_spec("imageio_ffmpeg") is None:
         warnings.warn("imageio-ffmpeg is not installed: writing gif and png only, no mp4", stacklevel=2)
-        paths = paths[1:]
-    else:
-        import imageio.v2 as imageio
-        # frame sizes are multiples of 16, so imageio's macro-block resizing leaves them alone
-        imageio.mimwrite(paths[0], list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=8)
-    imgs = [Image.fromarray(f) for f in frames]
-    imgs[0].save(paths[-2], save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-    Image.fromarray(np.concatenate(list(frames), axis=1)).save(paths[-1])
-    return paths
+        return [gif, png]
+    import imageio.v2 as imageio
+    # frame sizes are multiples of 16, so imageio's macro-block resizing leaves them alone
+    imageio.mimwrite(mp4, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=8)
+    return [mp4, gif, png]
 
 
 def load_image(path: str | Path, size: int = synth.SIZE) -> torch.Tensor:
