@@ -193,18 +193,39 @@ def summarise(per_sample: pd.DataFrame, model) -> tuple[pd.DataFrame, pd.DataFra
     return by_t, by_b
 
 
-def iterative_selection(model, batches, retention: float, objective: str = "eq4", progress: bool = True) -> list[int]:
-    """Greedy: drop the block whose removal hurts least, re-score the rest, until the budget is met."""
+def iterative_path(model, batches, retention: float, objective: str = "eq4", progress: bool = True) -> list[int]:
+    """Greedy removal order: drop the block whose removal hurts least, re-score the rest, until the budget is met.
+
+    Each choice depends only on the blocks still active, so the order for a lower retention extends the order
+    for a higher one: one path serves every retention (see `keep_after`)."""
     batches = list(batches)
     bl = blocks(model)
     budget = check_retention(retention) * sum(b.params for b in bl) * (1 + 1e-9)
-    active = [b.index for b in bl]
+    active, removed = [b.index for b in bl], []
     while sum(bl[i].params for i in active) > budget and len(active) > 1:
         scores = score_blocks(model, batches, objective, active, progress=False).groupby("block").err.mean()
-        active.remove(int(scores.idxmin()))
+        removed.append(int(scores.idxmin()))
+        active.remove(removed[-1])
         if progress:
-            print(f"  iterative: dropped block {int(scores.idxmin())}, {len(active)} left")
+            print(f"  iterative: dropped block {removed[-1]}, {len(active)} left")
+    return removed
+
+
+def keep_after(model, removed: list[int], retention: float) -> list[int]:
+    """The blocks left by walking a greedy removal order until the retention budget is met."""
+    bl = blocks(model)
+    budget = check_retention(retention) * sum(b.params for b in bl) * (1 + 1e-9)
+    active = [b.index for b in bl]
+    for i in removed:
+        if sum(bl[j].params for j in active) <= budget or len(active) == 1:
+            break
+        active.remove(i)
     return active
+
+
+def iterative_selection(model, batches, retention: float, objective: str = "eq4", progress: bool = True) -> list[int]:
+    """Greedy selection (re-scored after each removal): the blocks kept at this retention."""
+    return keep_after(model, iterative_path(model, batches, retention, objective, progress), retention)
 
 
 def plot_importance(summary: pd.DataFrame, path: Path, title: str = "Block importance (Eq. 4)") -> None:

@@ -141,16 +141,17 @@ def selection_comparison(bundle, by_block: pd.DataFrame, retentions: list[float]
 
 
 def _selection_comparison(bundle, by_block, retentions, n, sigmas, seed) -> pd.DataFrame:
-    from .importance import iterative_selection
+    from .importance import iterative_path, keep_after
     from .surgery import blocks, complement, select_keep
     model = bundle.model
     params = [b.params for b in blocks(model)]
     pick = scoring_batches_for(bundle, n, sigmas, seed=0)
     held = scoring_batches_for(bundle, n, sigmas, seed=seed)
+    path = iterative_path(model, pick, min(retentions), "eq3", progress=False)  # one greedy path serves all
     rows = []
     for r in retentions:
         keeps = dict(oneshot=select_keep(by_block.sort_values("block").importance.tolist(), params, r),
-                     iterative=iterative_selection(model, pick, r, "eq3", progress=False))
+                     iterative=keep_after(model, path, r))
         for method, keep in keeps.items():
             rows.append(dict(retention=r, method=method, kept=len(keep), keep=keep,
                              eq3_error=set_error(model, held, complement(model, keep))))

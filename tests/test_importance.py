@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from flgcore import flow
-from flgcore.importance import (Stage1Config, count_block_calls, eq3_error, eq4_error, iterative_selection,
-                                run_stage1, skip_each)
+from flgcore.importance import (Stage1Config, count_block_calls, eq3_error, eq4_error, iterative_path,
+                                iterative_selection, keep_after, run_stage1, skip_each)
 from flgcore.models import probe_inputs, velocity
 from flgcore.surgery import blocks, skipping
 
@@ -47,6 +47,20 @@ def test_reuse_with_a_drop_set(tiny):
     for i in active:
         with torch.no_grad(), skipping(tiny, [1, i]):
             torch.testing.assert_close(reuse[i], velocity(tiny, x, s, cond), rtol=1e-5, atol=1e-6)
+
+
+def test_one_greedy_path_gives_every_retentions_selection(tiny):
+    # the path computed once to the lowest retention equals the greedy run separately at each retention
+    g = torch.Generator().manual_seed(0)
+    x, s, cond = probe_inputs(tiny)
+    batches = [(torch.randn(x.shape, generator=g), cond, torch.randn(x.shape, generator=g), s) for _ in range(2)]
+    n = len(blocks(tiny))
+    path = iterative_path(tiny, batches, 1 / n, "eq4", progress=False)
+    assert sorted(path) == sorted(set(path)) and len(path) == n - 1
+    for r in (1.0, 0.75, 0.5, 1 / n):
+        alone = iterative_selection(tiny, batches, r, "eq4", progress=False)
+        assert keep_after(tiny, path, r) == alone
+        assert 1 <= len(alone) <= n
 
 
 @pytest.mark.parametrize("method", ["oneshot", "iterative"])
