@@ -175,6 +175,15 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     return export_checkpoint(cfg)
 
 
+def _steps_before(init_from: str | None) -> int:
+    """Training steps already in a warm start's weights (its flgcore.json), 0 without one."""
+    if not init_from:
+        return 0
+    from .models import resolve_model_dir
+    meta = resolve_model_dir(init_from).parent / "flgcore.json"
+    return int(json.loads(meta.read_text()).get("trained_steps", 0)) if meta.is_file() else 0
+
+
 def export_checkpoint(cfg: PretrainConfig, dest: str | Path | None = None) -> dict:
     """Export the EMA weights of the run's latest checkpoint as a model directory (default <out>/model)."""
     out = Path(cfg.out)
@@ -185,7 +194,8 @@ def export_checkpoint(cfg: PretrainConfig, dest: str | Path | None = None) -> di
     model = build_teacher(cfg.arch, cfg.seed)
     model.load_state_dict(st["ema"])
     meta = dict(family="wan", kind="teacher", prediction=cfg.prediction, shift=cfg.shift, sampler="euler", steps=cfg.sample_steps,
-                cfg_scale=cfg.sample_cfg, frames=synth.FRAMES, size=synth.SIZE, channels=3, trained_steps=st["step"])
+                cfg_scale=cfg.sample_cfg, frames=synth.FRAMES, size=synth.SIZE, channels=3,
+                trained_steps=_steps_before(cfg.init_from) + st["step"])  # counted over warm starts too
     dest = Path(dest) if dest else out / "model"
     export_model(model.eval(), synth.TextEncoder.create(dim=cfg.arch.text_dim), dest, meta)
     log = []

@@ -50,6 +50,18 @@ def test_pretrain_resumes_to_identical_weights(tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_warm_start_begins_at_its_weights_and_counts_their_steps(tiny_run, tmp_path):
+    from pathlib import Path
+    src = Path(tiny_run.out) / "model"
+    cfg = load_config(PretrainConfig, None, [f"out={tmp_path / 'warm'}", "steps=2", "batch_size=4", "warmup=1",
+                                             "lr=0", f"init_from={src}", *TINY_ARCH])  # lr 0: the weights stay
+    run_pretrain(cfg)
+    a = load_bundle(src).model.state_dict()
+    b = load_bundle(tmp_path / "warm" / "model").model.state_dict()
+    assert all(torch.allclose(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "warm" / "model/flgcore.json").read_text())["trained_steps"] == 4 + 2
+
+
 @pytest.mark.slow
 def test_a_compiled_pretrain_logs_the_eager_losses_and_exports_a_plain_model(tiny_run, tmp_path):
     from pathlib import Path
