@@ -193,6 +193,10 @@ def summarise(per_sample: pd.DataFrame, model) -> tuple[pd.DataFrame, pd.DataFra
     return by_t, by_b
 
 
+def _budget(bl, retention: float) -> float:
+    return check_retention(retention) * sum(b.params for b in bl) * (1 + 1e-9)  # as select_keep: float rounding
+
+
 def iterative_path(model, batches, retention: float, objective: str = "eq4", progress: bool = True) -> list[int]:
     """Greedy removal order: drop the block whose removal hurts least, re-score the rest, until the budget is met.
 
@@ -200,7 +204,7 @@ def iterative_path(model, batches, retention: float, objective: str = "eq4", pro
     for a higher one: one path serves every retention (see `keep_after`)."""
     batches = list(batches)
     bl = blocks(model)
-    budget = check_retention(retention) * sum(b.params for b in bl) * (1 + 1e-9)
+    budget = _budget(bl, retention)
     active, removed = [b.index for b in bl], []
     while sum(bl[i].params for i in active) > budget and len(active) > 1:
         scores = score_blocks(model, batches, objective, active, progress=False).groupby("block").err.mean()
@@ -214,7 +218,7 @@ def iterative_path(model, batches, retention: float, objective: str = "eq4", pro
 def keep_after(model, removed: list[int], retention: float) -> list[int]:
     """The blocks left by walking a greedy removal order until the retention budget is met."""
     bl = blocks(model)
-    budget = check_retention(retention) * sum(b.params for b in bl) * (1 + 1e-9)
+    budget = _budget(bl, retention)
     active = [b.index for b in bl]
     for i in removed:
         if sum(bl[j].params for j in active) <= budget or len(active) == 1:
@@ -225,7 +229,8 @@ def keep_after(model, removed: list[int], retention: float) -> list[int]:
 
 def iterative_selection(model, batches, retention: float, objective: str = "eq4", progress: bool = True) -> list[int]:
     """Greedy selection (re-scored after each removal): the blocks kept at this retention."""
-    return keep_after(model, iterative_path(model, batches, retention, objective, progress), retention)
+    removed = iterative_path(model, batches, retention, objective, progress)  # it stops at this budget
+    return [b.index for b in blocks(model) if b.index not in removed]
 
 
 def plot_importance(summary: pd.DataFrame, path: Path, title: str = "Block importance (Eq. 4)") -> None:

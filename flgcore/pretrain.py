@@ -179,9 +179,11 @@ def _steps_before(init_from: str | None) -> int:
     """Training steps already in a warm start's weights (its flgcore.json), 0 without one."""
     if not init_from:
         return 0
-    from .models import resolve_model_dir
-    meta = resolve_model_dir(init_from).parent / "flgcore.json"
-    return int(json.loads(meta.read_text()).get("trained_steps", 0)) if meta.is_file() else 0
+    from .sampling import model_root
+    try:
+        return int(json.loads((model_root(init_from) / "flgcore.json").read_text()).get("trained_steps", 0))
+    except FlgError:  # a plain diffusers checkpoint: no count to carry
+        return 0
 
 
 def export_checkpoint(cfg: PretrainConfig, dest: str | Path | None = None) -> dict:
