@@ -99,6 +99,15 @@ def plot_heatmap(by_sigma: pd.DataFrame, ax=None):
     return ax.figure
 
 
+def plot_selection(selection: pd.DataFrame, ax=None):
+    """Eq. 3 error of the subset each selection keeps, against retention (one line per method)."""
+    ax = ax or plt.subplots(figsize=(6, 3.2))[1]  # its own figure: seaborn would otherwise draw on the last one
+    sns.lineplot(selection, x="retention", y="eq3_error", hue="method", marker="o", ax=ax)
+    ax.set(xlabel="retention (share of block parameters kept)", ylabel="Eq. 3 error of the kept subset",
+           title="One-shot ranking vs iterative greedy")
+    return ax.figure
+
+
 def scoring_batches_for(bundle, n: int, sigmas: list[float], seed: int, batch_size: int = 16):
     from .importance import Stage1Config, scoring_batches
     from .models import to_device
@@ -188,6 +197,15 @@ def plot_table_bars(df: pd.DataFrame, x: str, metrics: list[str], title: str, ax
     sns.barplot(long, x="metric", y="score", hue=x, ax=ax)
     ax.set(title=title, ylim=(0, 1.05))
     ax.tick_params(axis="x", rotation=30)
+    return ax.figure
+
+
+def plot_quality_vs_time(table: pd.DataFrame, ax=None):
+    """Fig. 2: SynthBench average against measured seconds per clip, one point per method (the table's index)."""
+    ax = ax or plt.subplots(figsize=(6, 3.6))[1]
+    sns.scatterplot(table.reset_index(names="method"), x="sec_per_clip", y="average", hue="method", s=80, ax=ax)
+    ax.set(xscale="log", xlabel="seconds per clip (measured)", ylabel="SynthBench average",
+           title="Quality vs measured time per clip (Fig. 2)")
     return ax.figure
 
 
