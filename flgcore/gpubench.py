@@ -88,7 +88,17 @@ def _sync(device: str) -> None:
 
 
 def measure(fn, cfg: GpuBenchConfig, label: str) -> dict:
-    """Median seconds of fn() over repeats, its FLOPs (counted once, untimed) and peak memory."""
+    """Median seconds of fn() over repeats, its FLOPs (counted once, untimed) and peak memory; a setting that
+    does not fit in GPU memory is a row too (sec nan, oom True), not the end of the benchmark."""
+    try:
+        return _measure(fn, cfg, label)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        print(f"{label}: out of GPU memory")
+        return dict(sec=float("nan"), tflops=float("nan"), mfu=float("nan"), peak_gib=float("nan"), oom=True)
+
+
+def _measure(fn, cfg: GpuBenchConfig, label: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     for _ in range(cfg.warmup):
         fn()
@@ -103,7 +113,7 @@ def measure(fn, cfg: GpuBenchConfig, label: str) -> dict:
         _sync(cfg.device); times.append(time.perf_counter() - t0)
     sec, flops = statistics.median(times), fc.get_total_flops()
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cfg.device.startswith("cuda") else float("nan")
-    return dict(sec=sec, tflops=flops / 1e12, mfu=flops / sec / (cfg.peak_tflops * 1e12), peak_gib=peak)
+    return dict(sec=sec, tflops=flops / 1e12, mfu=flops / sec / (cfg.peak_tflops * 1e12), peak_gib=peak, oom=False)
 
 
 def _autocast(cfg):
@@ -208,7 +218,7 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
     pd.DataFrame(rows).to_csv(out / "bench_gpu.csv", index=False)
     dev = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"
     write_json(out / "metrics.json", dict(summary, device=dev, rows=rows))
-    print(pd.DataFrame(rows)[["what", "grad_checkpointing", "sec", "tflops", "mfu", "peak_gib"]].to_string(index=False))
+    print(pd.DataFrame(rows)[["what", "grad_checkpointing", "sec", "tflops", "mfu", "peak_gib", "oom"]].to_string(index=False))
     if summary:
         print(f"speed-up: theoretical {summary['theoretical_speedup']:.1f}x, measured {summary['measured_speedup']:.1f}x, "
               f"ratio {summary['ratio']:.2f}  [{dev}]")

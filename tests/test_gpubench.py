@@ -14,3 +14,13 @@ def test_gpu_bench_runs_its_code_path_on_the_cpu(tmp_path):
     assert all(r["sec"] > 0 and r["tflops"] > 0 for r in m["rows"])
     assert m["theoretical_speedup"] == (3 * 2 * 10) / (4 * 7) and m["kept_blocks"] == 7
     assert main(["bench", "--gpu", "preset=nope", "device=cpu", f"out={out}"]) == 2
+
+
+def test_a_setting_out_of_gpu_memory_is_a_row_not_a_crash():
+    import torch
+    from flgcore.gpubench import GpuBenchConfig, measure
+
+    def too_big():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    r = measure(too_big, GpuBenchConfig(device="cpu", repeats=1, warmup=0), "stage2")
+    assert r["oom"] and r["sec"] != r["sec"]  # nan
