@@ -87,31 +87,50 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn, cfg: GpuBenchConfig, label: str) -> dict:
-    """Median seconds of fn() over repeats, its FLOPs (counted once, untimed) and peak memory; a setting that
-    does not fit in GPU memory is a row too (sec nan, oom True), not the end of the benchmark."""
-    try:
-        return _measure(fn, cfg, label)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        print(f"{label}: out of GPU memory")
-        return dict(sec=float("nan"), tflops=float("nan"), mfu=float("nan"), peak_gib=float("nan"), oom=True)
-
-
-def _measure(fn, cfg: GpuBenchConfig, label: str) -> dict:
+def count_flops(make, cfg: GpuBenchConfig, model, modules=()) -> float:
+    """Model FLOPs of one call of `make(x, s, cond)` at the benchmark's size, from exact counts at 1, 2 and 3
+    latent frames. A DiT's FLOPs are a quadratic in the token count T (linear layers ~T, self-attention
+    ~T^2), so three small counts fix it exactly. Counting at full size is not an option: the counter keeps
+    the activations that gradient checkpointing drops (measured: an OOM at 78 GiB for a step that peaks at
+    23 GiB uncounted). Checkpointing is off while counting: MFU counts model FLOPs, not recomputation."""
+    from dataclasses import replace
     from torch.utils.flop_counter import FlopCounterMode
-    for _ in range(cfg.warmup):
-        fn()
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    if cfg.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in tqdm(range(cfg.repeats), desc=label, dynamic_ncols=True):
-        _sync(cfg.device); t0 = time.perf_counter()
-        fn()
-        _sync(cfg.device); times.append(time.perf_counter() - t0)
-    sec, flops = statistics.median(times), fc.get_total_flops()
+    mods = [model, *modules]
+    was = [m.is_gradient_checkpointing for m in mods]
+    for m in mods:
+        m.disable_gradient_checkpointing()
+    pts = []
+    for f in (1, 2, 3):
+        x, s, cond, tokens = inputs(replace(cfg, frames=4 * (f - 1) + 1), model)
+        fn = make(x, s, cond)
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        pts.append((tokens, fc.get_total_flops()))
+    for m, w in zip(mods, was):
+        m.enable_gradient_checkpointing() if w else None
+    t = torch.tensor([[1.0, n, n * n] for n, _ in pts], dtype=torch.float64)
+    coef = torch.linalg.solve(t, torch.tensor([float(c) for _, c in pts], dtype=torch.float64))
+    n = inputs(cfg, model)[3]
+    return float(coef[0] + coef[1] * n + coef[2] * n * n)
+
+
+def measure(fn, flops: float, cfg: GpuBenchConfig, label: str) -> dict:
+    """Median seconds of fn() over repeats (after warmup) and peak memory; MFU from `flops` (count_flops).
+    A setting that does not fit in GPU memory is a row too (sec nan, oom True), not the end of the run."""
+    try:
+        for _ in range(cfg.warmup):
+            fn()
+        if cfg.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in tqdm(range(cfg.repeats), desc=label, dynamic_ncols=True):
+            _sync(cfg.device); t0 = time.perf_counter()
+            fn()
+            _sync(cfg.device); times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError as e:
+        print(f"{label}: {str(e).splitlines()[0]}")
+        return dict(sec=float("nan"), tflops=flops / 1e12, mfu=float("nan"), peak_gib=float("nan"), oom=True)
+    sec = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cfg.device.startswith("cuda") else float("nan")
     return dict(sec=sec, tflops=flops / 1e12, mfu=flops / sec / (cfg.peak_tflops * 1e12), peak_gib=peak, oom=False)
 
@@ -180,7 +199,8 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
         model.disable_gradient_checkpointing() if not ckpt else model.enable_gradient_checkpointing()
         if "stage2" in cfg.what:
             model.train()
-            r = measure(stage2_step_fn(cfg, model, drop, x, s, cond), cfg, f"stage2 ckpt={ckpt}")
+            make = lambda x_, s_, c_: stage2_step_fn(cfg, model, drop, x_, s_, c_)  # noqa: E731
+            r = measure(make(x, s, cond), count_flops(make, cfg, model), cfg, f"stage2 ckpt={ckpt}")
             rows.append(dict(base, what="stage2 step", grad_checkpointing=ckpt, **r))
             torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
         if "stage3" in cfg.what:
@@ -188,7 +208,8 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
             if ckpt:
                 student.enable_gradient_checkpointing()
             critics = Critics(model, drop, "lora", "pruned", cfg.lora_rank)
-            r = measure(stage3_step_fn(cfg, model, student, critics, x, s, cond), cfg, f"stage3 ckpt={ckpt}")
+            make = lambda x_, s_, c_: stage3_step_fn(cfg, model, student, critics, x_, s_, c_)  # noqa: E731
+            r = measure(make(x, s, cond), count_flops(make, cfg, model, [student]), cfg, f"stage3 ckpt={ckpt}")
             rows.append(dict(base, what="stage3 student turn + fake update", grad_checkpointing=ckpt, **r))
             model.delete_adapters("fake")
             for p in model.parameters():
@@ -200,14 +221,18 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
         model.disable_gradient_checkpointing()
         teacher = model.to(torch.bfloat16).eval()
         student = prune(teacher, keep)
-        null = Cond(text=torch.zeros_like(cond.text))
-        xb = x.to(torch.bfloat16)
+        sig, ss = flow.euler_sigmas(cfg.teacher_steps, 5.0), student_sigmas(cfg.student_steps, 5.0)
+
+        def teacher_fn(x_, s_, c_):
+            null = Cond(text=torch.zeros_like(c_.text))
+            v_t = flow.guided(lambda z, t: velocity(teacher, z, t, c_), lambda z, t: velocity(teacher, z, t, null), cfg.teacher_cfg)
+            return lambda: flow.euler_sample(v_t, x_.to(torch.bfloat16), sig)
+
+        def student_fn(x_, s_, c_):
+            return lambda: flow.fewstep_sample(lambda z, t: velocity(student, z, t, c_), x_.to(torch.bfloat16), ss)
         with torch.no_grad():
-            v_t = flow.guided(lambda z, t: velocity(teacher, z, t, cond), lambda z, t: velocity(teacher, z, t, null), cfg.teacher_cfg)
-            sig = flow.euler_sigmas(cfg.teacher_steps, 5.0)
-            rt = measure(lambda: flow.euler_sample(v_t, xb, sig), cfg, "teacher 50 x CFG")
-            ss = student_sigmas(cfg.student_steps, 5.0)
-            rs = measure(lambda: flow.fewstep_sample(lambda z, t: velocity(student, z, t, cond), xb, ss), cfg, "student")
+            rt = measure(teacher_fn(x, s, cond), count_flops(teacher_fn, cfg, teacher), cfg, "teacher 50 x CFG")
+            rs = measure(student_fn(x, s, cond), count_flops(student_fn, cfg, teacher), cfg, "student")
         theoretical = (flow.nfe(cfg.teacher_steps, cfg.teacher_cfg) * n) / (cfg.student_steps * len(keep))
         rows += [dict(base, what="teacher sampling", grad_checkpointing=False, **rt),
                  dict(base, what="student sampling", grad_checkpointing=False, **rs)]

@@ -22,5 +22,21 @@ def test_a_setting_out_of_gpu_memory_is_a_row_not_a_crash():
 
     def too_big():
         raise torch.OutOfMemoryError("CUDA out of memory")
-    r = measure(too_big, GpuBenchConfig(device="cpu", repeats=1, warmup=0), "stage2")
+    r = measure(too_big, 1e12, GpuBenchConfig(device="cpu", repeats=1, warmup=0), "stage2")
     assert r["oom"] and r["sec"] != r["sec"]  # nan
+
+
+def test_flops_at_full_size_come_exactly_from_three_small_counts():
+    """The quadratic fit from 1-3 latent frames equals a direct count at 5 latent frames."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from flgcore.gpubench import GpuBenchConfig, build, count_flops, inputs
+    from flgcore.models import velocity
+    cfg = GpuBenchConfig(preset="tiny", device="cpu", frames=17, height=32, width=48, text_len=4)
+    model = build(cfg).eval()
+    make = lambda x, s, c: (lambda: velocity(model, x, s, c))  # noqa: E731
+    x, s, cond, _ = inputs(cfg, model)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        make(x, s, cond)()
+    with torch.no_grad():
+        assert abs(count_flops(make, cfg, model) / fc.get_total_flops() - 1) < 1e-9
