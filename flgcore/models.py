@@ -58,6 +58,30 @@ def resolve_model_dir(path_or_name: str | Path) -> Path:
                    f"or pipeline directory, or one of: {', '.join(BUILTIN)})")
 
 
+def fingerprint(path_or_name: str | Path) -> str:
+    """16 hex digits of sha256 over a model directory's (or one file's) relative names and contents, so that
+    a cached result is never reused for other weights under the same name or path (a new `synth-tiny`, a
+    Stage-II run redone into the same folder). A file over 64 MiB contributes its size and first and last
+    MiB: enough to tell checkpoints apart without reading gigabytes. `tiny:` names are their own print."""
+    import hashlib
+    if str(path_or_name).startswith("tiny:"):
+        return str(path_or_name)
+    p = BUILTIN.get(str(path_or_name), Path(path_or_name))
+    if p.name == "transformer" and (p.parent / "flgcore.json").is_file():
+        p = p.parent  # the text encoder and sampling metadata beside it belong to the model too
+    if not p.exists():
+        raise FlgError(f"{path_or_name}: no such model or file")
+    h = hashlib.sha256()
+    for f in sorted([p] if p.is_file() else (q for q in p.rglob("*") if q.is_file())):
+        h.update(str(f.relative_to(p.parent if p.is_file() else p)).encode())
+        with open(f, "rb") as fh:
+            size = f.stat().st_size
+            if size > 64 * 2 ** 20:
+                h.update(str(size).encode()); h.update(fh.read(2 ** 20)); fh.seek(-2 ** 20, 2)
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
 def model_class_name(model_dir: Path) -> str:
     try:
         name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "")

@@ -43,9 +43,16 @@ def parameters_of(path: Path) -> dict:
     return {k: v["default"] for k, v in pm.inspect_notebook(str(path)).items()}
 
 
+def _inputs(params: dict) -> dict:
+    """Content prints of the models a notebook starts from (a new `synth-tiny` under the same name is new input)."""
+    from .models import fingerprint
+    return {k: fingerprint(params[k]) for k in ("model", "stage2_model") if params.get(k)}
+
+
 def _done(executed: Path, params: dict) -> bool:
-    """An executed copy that ran to the end with these parameters."""
-    if not executed.is_file():
+    """An executed copy that ran to the end with these parameters and these input weights."""
+    sidecar = executed.with_name("inputs.json")
+    if not (executed.is_file() and sidecar.is_file()) or json.loads(sidecar.read_text()) != _inputs(params):
         return False
     nb = json.loads(executed.read_text())
     pm = nb.get("metadata", {}).get("papermill", {})
@@ -85,6 +92,7 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
         try:
             pm.execute_notebook(str(src), str(executed), parameters=p, kernel_name="python3", progress_bar=False,
                                 cwd=str(Path.cwd()))
+            (run_dir / "inputs.json").write_text(json.dumps(_inputs(p)))
             status[name] = "ok"
         except Exception as e:  # noqa: BLE001 - any notebook failure is reported, the rest still run
             line = str(e).strip().splitlines()

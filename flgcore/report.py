@@ -16,6 +16,7 @@ import torch
 
 from . import flow, synth
 from .config import from_dict, to_dict
+from .models import FlgError
 from .runs import read_json, write_json
 
 # the paper's Fig. 1 score (mean of dynamic degree, aesthetic and imaging quality), in SynthBench analogues:
@@ -34,17 +35,37 @@ def _stage(name: str):
 
 def run(stage: str, **fields) -> dict:
     """Run `stage` (stage1, stage2, stage3, eval) with these config fields unless its run folder already
-    holds a finished run of the same config; returns its metrics.json."""
+    holds a finished run of the same config made from the same input weights; returns its metrics.json.
+
+    The inputs (`model`, and Stage II's `selection`) are compared by content (`models.fingerprint`), not by
+    name: a notebook executed again after a new teacher was shipped as `synth-tiny` must not show the old
+    teacher's results. A folder made with another config or other inputs is removed and run again (a stage
+    would otherwise resume from its checkpoints); one with the same, left unfinished, is resumed."""
+    import shutil
+    from .models import fingerprint
     cls, fn = _stage(stage)
     cfg = from_dict(cls, fields)
     out = Path(cfg.out)
-    done = out / "metrics.json"
-    if done.is_file() and (out / "config.yaml").is_file():
-        import yaml
-        if yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg):
-            return read_json(done)
+    inputs = {f: fingerprint(v) for f in ("model", "selection") if (v := getattr(cfg, f, None))}
+    same = _same_run(out, cfg, inputs)
+    if same and (out / "metrics.json").is_file():
+        return read_json(out / "metrics.json")
+    if out.exists() and not same:
+        if not ((out / "config.yaml").is_file() or (out / "inputs.json").is_file()):
+            raise FlgError(f"{out} exists and is not a run folder; choose another `out`")
+        print(f"{out}: made with another config or other input weights; running it again")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "inputs.json", inputs)
     fn(cfg)
-    return read_json(done)
+    return read_json(out / "metrics.json")
+
+
+def _same_run(out: Path, cfg, inputs: dict) -> bool:
+    import yaml
+    if not ((out / "config.yaml").is_file() and (out / "inputs.json").is_file()):
+        return False
+    return yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg) and read_json(out / "inputs.json") == inputs
 
 
 def evaluated(**fields) -> dict:
@@ -135,7 +156,8 @@ def selection_comparison(bundle, by_block: pd.DataFrame, retentions: list[float]
                          seed: int = 1, csv: str | Path | None = None) -> pd.DataFrame:
     """One-shot ranking vs iterative greedy: the Eq. 3 error of each keep set on fresh draws (seed != Stage I's).
     With `csv`, the table is written there (its parameters beside it) and reused when they match."""
-    params = dict(retentions=list(retentions), n=n, sigmas=list(sigmas), seed=seed,
+    from .models import fingerprint
+    params = dict(retentions=list(retentions), n=n, sigmas=list(sigmas), seed=seed, model=fingerprint(bundle.root),
                   importance=by_block.sort_values("block").importance.round(10).tolist())
     sidecar = Path(csv).with_suffix(".json") if csv else None
     if sidecar is not None and sidecar.is_file() and Path(csv).is_file() and read_json(sidecar) == params:
