@@ -16,7 +16,7 @@ import torch
 
 from . import flow, synth
 from .config import from_dict, to_dict
-from .models import FlgError
+from .models import FlgError, fingerprint
 from .runs import read_json, write_json
 
 # the paper's Fig. 1 score (mean of dynamic degree, aesthetic and imaging quality), in SynthBench analogues:
@@ -42,7 +42,6 @@ def run(stage: str, **fields) -> dict:
     teacher's results. A folder made with another config or other inputs is removed and run again (a stage
     would otherwise resume from its checkpoints); one with the same, left unfinished, is resumed."""
     import shutil
-    from .models import fingerprint
     cls, fn = _stage(stage)
     cfg = from_dict(cls, fields)
     out = Path(cfg.out)
@@ -156,7 +155,6 @@ def selection_comparison(bundle, by_block: pd.DataFrame, retentions: list[float]
                          seed: int = 1, csv: str | Path | None = None) -> pd.DataFrame:
     """One-shot ranking vs iterative greedy: the Eq. 3 error of each keep set on fresh draws (seed != Stage I's).
     With `csv`, the table is written there (its parameters beside it) and reused when they match."""
-    from .models import fingerprint
     params = dict(retentions=list(retentions), n=n, sigmas=list(sigmas), seed=seed, model=fingerprint(bundle.root),
                   importance=by_block.sort_values("block").importance.round(10).tolist())
     sidecar = Path(csv).with_suffix(".json") if csv else None
