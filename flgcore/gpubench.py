@@ -2,7 +2,7 @@
 
 No weights are needed: the architecture is built from its published config (`PRESETS`) with random
 weights, which costs exactly what the trained model costs. Measured, per setting (with and without
-gradient checkpointing): median step time over `repeats` (after `warmup`), peak GPU memory, and model
+gradient checkpointing on a share of the blocks): median step time over `repeats` (after `warmup`), peak GPU memory, and model
 FLOP utilisation = FLOPs counted by `torch.utils.flop_counter` for one step / step time / `peak_tflops`
 (989 dense bf16 TFLOP/s for an H100 SXM). Training runs as a single-GPU mixed-precision trainer would:
 fp32 master weights and AdamW states, bf16 autocast. Inference: bf16 weights, the teacher's 50 Euler
@@ -25,7 +25,7 @@ from . import flow
 from .config import save_config
 from .models import Cond, FlgError, velocity
 from .runs import setup_torch, write_json
-from .surgery import blocks, complement, prune, skipping
+from .surgery import blocks, checkpoint_share, checkpointed, complement, prune, set_checkpointing, skipping
 
 _WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
             freq_dim=256, qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6)
@@ -52,7 +52,7 @@ class GpuBenchConfig:
     student_steps: int = 4
     lora_rank: int = 64
     what: list[str] = field(default_factory=lambda: ["stage2", "stage3", "inference"])
-    checkpointing: list[bool] = field(default_factory=lambda: [False, True])
+    checkpointing: list[bool | float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # share of blocks recomputed
     repeats: int = 3
     warmup: int = 1
     peak_tflops: float = 989.0     # H100 SXM dense bf16
@@ -96,9 +96,9 @@ def count_flops(make, cfg: GpuBenchConfig, model, modules=()) -> float:
     from dataclasses import replace
     from torch.utils.flop_counter import FlopCounterMode
     mods = [model, *modules]
-    was = [m.is_gradient_checkpointing for m in mods]
+    was = [len(checkpointed(m)) / len(blocks(m)) for m in mods]
     for m in mods:
-        m.disable_gradient_checkpointing()
+        set_checkpointing(m, 0)
     pts = []
     for f in (1, 2, 3):
         x, s, cond, tokens = inputs(replace(cfg, frames=4 * (f - 1) + 1), model)
@@ -107,7 +107,7 @@ def count_flops(make, cfg: GpuBenchConfig, model, modules=()) -> float:
             fn()
         pts.append((tokens, fc.get_total_flops()))
     for m, w in zip(mods, was):
-        m.enable_gradient_checkpointing() if w else None
+        set_checkpointing(m, w)
     t = torch.tensor([[1.0, n, n * n] for n, _ in pts], dtype=torch.float64)
     coef = torch.linalg.solve(t, torch.tensor([float(c) for _, c in pts], dtype=torch.float64))
     n = inputs(cfg, model)[3]
@@ -195,8 +195,8 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
     keep = complement(model, drop)
     rows = []
     base = dict(preset=cfg.preset, blocks_built=n, tokens=tokens, batch=cfg.batch_size)
-    for ckpt in cfg.checkpointing:
-        model.disable_gradient_checkpointing() if not ckpt else model.enable_gradient_checkpointing()
+    for ckpt in map(checkpoint_share, cfg.checkpointing):
+        set_checkpointing(model, ckpt)
         if "stage2" in cfg.what:
             model.train()
             make = lambda x_, s_, c_: stage2_step_fn(cfg, model, drop, x_, s_, c_)  # noqa: E731
@@ -204,9 +204,7 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
             rows.append(dict(base, what="stage2 step", grad_checkpointing=ckpt, **r))
             torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
         if "stage3" in cfg.what:
-            student = prune(model, keep).train()
-            if ckpt:
-                student.enable_gradient_checkpointing()
+            student = prune(model, keep).train()  # keeps the blocks' checkpointing marks
             critics = Critics(model, drop, "lora", "pruned", cfg.lora_rank)
             make = lambda x_, s_, c_: stage3_step_fn(cfg, model, student, critics, x_, s_, c_)  # noqa: E731
             r = measure(make(x, s, cond), count_flops(make, cfg, model, [student]), cfg, f"stage3 ckpt={ckpt}")
@@ -218,7 +216,7 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
             torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
     summary = {}
     if "inference" in cfg.what:
-        model.disable_gradient_checkpointing()
+        set_checkpointing(model, 0)
         teacher = model.to(torch.bfloat16).eval()
         student = prune(teacher, keep)
         sig, ss = flow.euler_sigmas(cfg.teacher_steps, 5.0), student_sigmas(cfg.student_steps, 5.0)
@@ -234,8 +232,8 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
             rt = measure(teacher_fn(x, s, cond), count_flops(teacher_fn, cfg, teacher), cfg, "teacher 50 x CFG")
             rs = measure(student_fn(x, s, cond), count_flops(student_fn, cfg, teacher), cfg, "student")
         theoretical = (flow.nfe(cfg.teacher_steps, cfg.teacher_cfg) * n) / (cfg.student_steps * len(keep))
-        rows += [dict(base, what="teacher sampling", grad_checkpointing=False, **rt),
-                 dict(base, what="student sampling", grad_checkpointing=False, **rs)]
+        rows += [dict(base, what="teacher sampling", grad_checkpointing=0.0, **rt),
+                 dict(base, what="student sampling", grad_checkpointing=0.0, **rs)]
         summary = dict(theoretical_speedup=theoretical, measured_speedup=rt["sec"] / rs["sec"],
                        ratio=rt["sec"] / rs["sec"] / theoretical, kept_blocks=len(keep))
     out = Path(cfg.out)

@@ -26,7 +26,7 @@ from .models import FlgError, to_device, velocity
 from .pretrain import export_model, sample_sigmas
 from .runs import (setup_torch, append_jsonl, ema_update, finished, read_json, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
-from .surgery import blocks, check_indices, skipping
+from .surgery import blocks, check_indices, checkpoint_share, set_checkpointing, skipping
 
 
 def stage2_loss(v_drop: torch.Tensor, v_full: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
@@ -102,7 +102,7 @@ class Stage2Config:
     device: str = "cpu"              # "cuda": train on a GPU (data and noise are still drawn on the CPU)
     zero: bool = False               # DeepSpeed ZeRO-3 across the launcher's processes (batch_size is global)
     offload: bool = False            # zero=true: optimiser states and parameters offloaded to CPU memory
-    grad_checkpointing: bool = False  # recompute block activations in backward (memory for time)
+    grad_checkpointing: bool | float = False  # recompute activations in backward: true = every block, 0.5 = every other
 
 
 def candidate_blocks(cfg: Stage2Config, model) -> list[int]:
@@ -130,6 +130,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
     if cfg.precision not in ("fp32", "bf16"):
         raise FlgError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     draw_drop([], cfg.p, cfg.drop_mode, torch.Generator())  # validates drop_mode before any work
+    checkpoint_share(cfg.grad_checkpointing)
     if cfg.zero and cfg.ema_decay > 0:
         raise FlgError("ema_decay > 0 is not supported with zero=true (the weights are partitioned)")
     dev = zero.init(cfg.device) if cfg.zero else cfg.device
@@ -146,8 +147,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
     shift = cfg.shift if cfg.shift is not None else bundle.meta.get("shift", 1.0)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     model = model.train() if cfg.zero else model.to(dtype).train()  # DeepSpeed casts to bf16 itself
-    if cfg.grad_checkpointing:
-        model.enable_gradient_checkpointing()
+    set_checkpointing(model, cfg.grad_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)

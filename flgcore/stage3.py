@@ -33,7 +33,8 @@ from .models import FlgError, cat_conds, to_device, velocity
 from .pretrain import export_model, pretrain_loss
 from .runs import (setup_torch, append_jsonl, finished, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
-from .surgery import blocks, check_indices, complement, prune, retention_of, skipping
+from .surgery import (blocks, check_indices, checkpoint_share, complement, prune, retention_of, set_checkpointing,
+                      skipping)
 
 # ----------------------------------------------------------------------------- the math
 
@@ -243,7 +244,7 @@ class Stage3Config:
     zero: bool = False               # DeepSpeed ZeRO-3: engines for the student and the fake DiT (batch_size is global)
     offload: bool = False            # zero=true: optimiser states and parameters offloaded to CPU memory
     precision: str = "fp32"          # zero=true: fp32 or bf16 (the engines hold bf16 weights, fp32 master copies)
-    grad_checkpointing: bool = False  # recompute block activations in backward (student and fake DiT)
+    grad_checkpointing: bool | float = False  # student and fake DiT: true = every block, 0.5 = every other
 
 
 def resolve_drop(cfg: Stage3Config, model, meta: dict) -> list[int]:
@@ -270,6 +271,7 @@ def check_config(cfg: Stage3Config) -> None:
         raise FlgError(f"teacher must be 'pruned' or 'unpruned', got {cfg.teacher!r}")
     if cfg.fake not in ("lora", "full"):
         raise FlgError(f"fake must be 'lora' or 'full', got {cfg.fake!r}")
+    checkpoint_share(cfg.grad_checkpointing)
     if cfg.fake_updates < 1:
         raise FlgError(f"fake_updates must be >= 1, got {cfg.fake_updates}")
     if not 0 < cfg.min_sigma < cfg.max_sigma <= 1:
@@ -309,8 +311,7 @@ def run_stage3(cfg: Stage3Config) -> dict:
     fake_sched = warmup_cosine(fake_opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
-    if cfg.grad_checkpointing:
-        student.enable_gradient_checkpointing(); critics.fake_model.enable_gradient_checkpointing()
+    set_checkpointing(student, cfg.grad_checkpointing); set_checkpointing(critics.fake_model, cfg.grad_checkpointing)
     if cfg.zero:
         ds = zero.ds_config(cfg.batch_size, cfg.grad_clip, cfg.precision == "bf16", cfg.offload)
         engines = {"student": zero.engine(student, opt, sched, ds),

@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .models import FlgError, family_of
 
@@ -165,3 +167,47 @@ def retention_of(model, keep: Iterable[int]) -> float:
     bl = blocks(model)
     keep = set(check_indices(model, keep))
     return sum(b.params for b in bl if b.index in keep) / sum(b.params for b in bl)
+
+
+def _checkpoint_marked(block, *args):
+    """diffusers' gradient-checkpointing hook, called by the model's forward for every block it runs:
+    recompute the marked blocks in backward, keep the others' activations. Calling the module (not its
+    forward) keeps its hooks, which DeepSpeed ZeRO-3 needs to gather the block's own parameters again."""
+    if getattr(block, "flg_checkpoint", True):
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+    return block(*args)
+
+
+def checkpoint_share(value) -> float:
+    """A `grad_checkpointing` setting as a share of blocks: true -> 1, false -> 0, or a number in [0, 1]."""
+    if not isinstance(value, (bool, int, float)) or not 0 <= value <= 1:
+        raise FlgError(f"grad_checkpointing must be true, false or a share of blocks in [0, 1], got {value!r}")
+    return float(value)
+
+
+def set_checkpointing(model, share: float | bool) -> list[int]:
+    """Gradient checkpointing on `share` of the blocks, evenly spaced (True = 1: all, diffusers' own switch;
+    False = 0: off). Returns the checkpointed indices. Checkpointing every block costs about one more
+    forward per step (at the 1.3B size on an H100, 33.7 % MFU against 45 % for a model that fits without);
+    checkpointing half of them costs half that and holds half the activations. The marks are attributes
+    of the blocks, so a pruned copy (`prune`) keeps them."""
+    share = checkpoint_share(share)
+    bl = blocks(model)
+    k = round(share * len(bl))
+    marked = {int((i + 0.5) * len(bl) / k) for i in range(k)} if k else set()
+    for b in bl:
+        b.module.flg_checkpoint = b.index in marked
+    if marked:
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_marked)
+    else:
+        model.disable_gradient_checkpointing()
+    return sorted(marked)
+
+
+def checkpointed(model) -> list[int]:
+    """Indices of the blocks whose activations are recomputed in backward (all of them under diffusers' own
+    `enable_gradient_checkpointing()`, the marked ones under `set_checkpointing`)."""
+    if not model.is_gradient_checkpointing:
+        return []
+    ours = getattr(model, "_gradient_checkpointing_func", None) is _checkpoint_marked
+    return [b.index for b in blocks(model) if not ours or getattr(b.module, "flg_checkpoint", True)]

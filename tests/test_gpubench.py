@@ -7,7 +7,7 @@ from flgcore.cli import main
 def test_gpu_bench_runs_its_code_path_on_the_cpu(tmp_path):
     out = tmp_path / "gb"
     assert main(["bench", "--gpu", "preset=tiny", "device=cpu", "frames=5", "height=32", "width=32", "text_len=4",
-                 "repeats=1", "warmup=0", "teacher_steps=3", "checkpointing=[true]", f"out={out}"]) == 0
+                 "repeats=1", "warmup=0", "teacher_steps=3", "checkpointing=[0.5]", f"out={out}"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert [r["what"] for r in m["rows"]] == ["stage2 step", "stage3 student turn + fake update", "teacher sampling",
                                               "student sampling"]

@@ -98,6 +98,8 @@ def test_keep_set_that_does_not_match_the_model(tiny_bundle_dir, tmp_path):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", drop=[1, 9]))
     with pytest.raises(FlgError, match="no candidate blocks"):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", drop=[]))
+    with pytest.raises(FlgError, match="grad_checkpointing .* got 2.0"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", grad_checkpointing=2.0))
     assert not (tmp_path / "r").exists()
 
 

@@ -156,10 +156,11 @@ def test_plain_dmd2_and_the_unpruned_teacher_run_from_the_same_code(tiny_stage2_
     assert m["teacher"] == "unpruned" and m["keep"] == [0, 3]
 
 
-def test_gradient_checkpointing_changes_no_number(tiny_stage2_dir, tmp_path):
+@pytest.mark.parametrize("share", [True, 0.5])
+def test_gradient_checkpointing_changes_no_number(tiny_stage2_dir, tmp_path, share):
     # the fake DiT's backward re-runs its blocks: it must happen with the LoRA adapter still switched on
     run_stage3(_cfg(tiny_stage2_dir, tmp_path / "plain", steps=2, fake_updates=1))
-    run_stage3(_cfg(tiny_stage2_dir, tmp_path / "ckpt", steps=2, fake_updates=1, grad_checkpointing=True))
+    run_stage3(_cfg(tiny_stage2_dir, tmp_path / "ckpt", steps=2, fake_updates=1, grad_checkpointing=share))
     rows = [[json.loads(l) for l in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("plain", "ckpt")]
     assert rows[0][-1]["fake_loss"] == pytest.approx(rows[1][-1]["fake_loss"], rel=1e-5)
     a, b = (load_transformer(tmp_path / r / "student" / "transformer") for r in ("plain", "ckpt"))

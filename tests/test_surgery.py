@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from flgcore.models import FlgError, load_transformer, probe_inputs, velocity
-from flgcore.surgery import (block_table, blocks, complement, prune, retention_of, select_keep,
-                             skipping)
+from flgcore.surgery import (block_table, blocks, checkpointed, complement, prune, retention_of, select_keep,
+                             set_checkpointing, skipping)
 
 
 def _v(model, inputs):
@@ -59,6 +59,42 @@ def test_gradient_checkpointing_does_not_change_skip_view(tiny):
     torch.testing.assert_close(v_ckpt, v_plain)
     skipped = {id(p) for i in drop for p in blocks(tiny)[i].module.parameters()}
     assert all(p.grad is None for p in tiny.parameters() if id(p) in skipped)
+
+
+def _grads_and_calls(model, inputs):
+    """Gradients of one backward, and how often each block started a forward (a recomputed block: twice; a
+    pre-hook, since recomputation stops as soon as it has what backward needs)."""
+    calls = [0] * len(blocks(model))
+    hooks = [b.module.register_forward_pre_hook(lambda *_, i=b.index: calls.__setitem__(i, calls[i] + 1))
+             for b in blocks(model)]
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        velocity(model, *inputs).square().sum().backward()
+    for h in hooks:
+        h.remove()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, calls
+
+
+def test_partial_checkpointing_recomputes_only_the_marked_blocks(tiny):
+    inputs, n = probe_inputs(tiny), len(blocks(tiny))
+    assert set_checkpointing(tiny, False) == [] and not tiny.is_gradient_checkpointing
+    g0, calls = _grads_and_calls(tiny, inputs)
+    assert calls == [1] * n
+    marked = set_checkpointing(tiny, 0.5)
+    assert len(marked) == round(n / 2) and checkpointed(tiny) == marked
+    g, calls = _grads_and_calls(tiny, inputs)
+    assert calls == [2 if i in marked else 1 for i in range(n)]
+    assert g.keys() == g0.keys()
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-5, atol=1e-6)
+    keep = complement(tiny, _drop_for(tiny))  # a pruned copy keeps the marks of the blocks it keeps
+    assert checkpointed(prune(tiny, keep)) == [j for j, i in enumerate(keep) if i in marked]
+    assert set_checkpointing(tiny, True) == list(range(n)) == checkpointed(tiny)
+    tiny.enable_gradient_checkpointing()  # diffusers' own switch: every block
+    assert checkpointed(tiny) == list(range(n)) and _grads_and_calls(tiny, inputs)[1] == [2] * n
+    with pytest.raises(FlgError, match="grad_checkpointing"):
+        set_checkpointing(tiny, 1.5)
+    set_checkpointing(tiny, 0)
 
 
 def test_block_table_adds_up(tiny):
