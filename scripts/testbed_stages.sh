@@ -1,6 +1,7 @@
 #!/bin/bash
 # Every number of REPRODUCTION.md's testbed rows for Stages I-III, on the shipped teacher, on this 2-core CPU
-# (~45 min): Stage I, then two lanes of one thread each, side by side. Logs and run folders under runs/.
+# (~100 min: each lane trains a 1000-step Stage II): Stage I, then two lanes of one thread each, side by side.
+# Logs and run folders under runs/.
 #
 #   bash scripts/testbed_stages.sh            # after a new teacher is shipped as synth-tiny
 set -eu
