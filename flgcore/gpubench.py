@@ -25,7 +25,8 @@ from . import flow
 from .config import save_config
 from .models import Cond, FlgError, velocity
 from .runs import setup_torch, write_json
-from .surgery import blocks, checkpoint_share, checkpointed, complement, prune, set_checkpointing, skipping
+from .surgery import (blocks, checkpoint_blocks, checkpoint_share, checkpointed, complement, prune,
+                      set_checkpointing, skipping)
 
 _WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
             freq_dim=256, qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6)
@@ -96,7 +97,7 @@ def count_flops(make, cfg: GpuBenchConfig, model, modules=()) -> float:
     from dataclasses import replace
     from torch.utils.flop_counter import FlopCounterMode
     mods = [model, *modules]
-    was = [len(checkpointed(m)) / len(blocks(m)) for m in mods]
+    was = [checkpointed(m) for m in mods]
     for m in mods:
         set_checkpointing(m, 0)
     pts = []
@@ -107,7 +108,7 @@ def count_flops(make, cfg: GpuBenchConfig, model, modules=()) -> float:
             fn()
         pts.append((tokens, fc.get_total_flops()))
     for m, w in zip(mods, was):
-        set_checkpointing(m, w)
+        checkpoint_blocks(m, w)
     t = torch.tensor([[1.0, n, n * n] for n, _ in pts], dtype=torch.float64)
     coef = torch.linalg.solve(t, torch.tensor([float(c) for _, c in pts], dtype=torch.float64))
     n = inputs(cfg, model)[3]

@@ -32,11 +32,14 @@ def test_flops_at_full_size_come_exactly_from_three_small_counts():
     from torch.utils.flop_counter import FlopCounterMode
     from flgcore.gpubench import GpuBenchConfig, build, count_flops, inputs
     from flgcore.models import velocity
+    from flgcore.surgery import checkpoint_blocks, checkpointed
     cfg = GpuBenchConfig(preset="tiny", device="cpu", frames=17, height=32, width=48, text_len=4)
     model = build(cfg).eval()
     make = lambda x, s, c: (lambda: velocity(model, x, s, c))  # noqa: E731
     x, s, cond, _ = inputs(cfg, model)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         make(x, s, cond)()
+    checkpoint_blocks(model, [1, 2, 7])  # counting switches checkpointing off, then puts back exactly these
     with torch.no_grad():
         assert abs(count_flops(make, cfg, model) / fc.get_total_flops() - 1) < 1e-9
+    assert checkpointed(model) == [1, 2, 7]
