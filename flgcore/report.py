@@ -45,7 +45,7 @@ def run(stage: str, **fields) -> dict:
     cls, fn = _stage(stage)
     cfg = from_dict(cls, fields)
     out = Path(cfg.out)
-    inputs = {f: fingerprint(v) for f in ("model", "selection") if (v := getattr(cfg, f, None))}
+    inputs = _inputs(cfg)
     same = _same_run(out, cfg, inputs)
     if same and (out / "metrics.json").is_file():
         return read_json(out / "metrics.json")
@@ -58,6 +58,10 @@ def run(stage: str, **fields) -> dict:
     write_json(out / "inputs.json", inputs)
     fn(cfg)
     return read_json(out / "metrics.json")
+
+
+def _inputs(cfg) -> dict:
+    return {f: fingerprint(v) for f in ("model", "selection") if (v := getattr(cfg, f, None))}
 
 
 def _same_run(out: Path, cfg, inputs: dict) -> bool:
@@ -292,18 +296,34 @@ def _run_and_evaluate(stage: str, fields: dict, eval_fields: dict) -> None:
     evaluated(**eval_fields)
 
 
+def finished_twin(stage: str, fields: dict, folders) -> Path | None:
+    """The first of `folders` that holds a finished run of this config (apart from its `out`) made from the
+    same input weights, or None."""
+    cls, _ = _stage(stage)
+    for d in map(Path, folders):
+        cfg = from_dict(cls, dict(fields, out=str(d)))
+        if (d / "metrics.json").is_file() and _same_run(d, cfg, _inputs(cfg)):
+            return d
+    return None
+
+
 def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_fields: dict,
-          model_subdir: str = "model", jobs: int = 1) -> pd.DataFrame:
+          model_subdir: str = "model", jobs: int = 1, reuse=()) -> pd.DataFrame:
     """Run `stage` once per value of config field `key` (each in out/<key>_<value>), evaluate what it
     made with `flg eval` (eval_fields: n, steps, view...), and return one SynthBench row per value.
 
     jobs > 1 runs the values in that many processes at once: a tiny model leaves most of a GPU idle, so
     several runs share one at nearly the speed of one. Each run is a pure function of its config, so the
-    table is the same for any `jobs`."""
+    table is the same for any `jobs`.
+
+    A value whose config is that of a finished run in `reuse` (folders of an earlier sweep: notebook 02's
+    drop-mode sweep holds the alpha sweep's winner again) takes that run and its evaluation rather than
+    training the same model twice."""
     todo = []
+    reuse = list(reuse)
     for v in values:
         tag = f"{key}_{v}".replace(" ", "").replace("[", "").replace("]", "").replace(",", "-")
-        run_dir = Path(out) / tag
+        run_dir = finished_twin(stage, dict(base, **{key: v}), reuse) or Path(out) / tag
         todo.append((v, dict(base, **{key: v}, out=str(run_dir)),
                      dict(eval_fields, model=str(run_dir / model_subdir), out=str(run_dir / "eval"))))
     if jobs > 1 and len(todo) > 1:

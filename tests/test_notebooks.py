@@ -93,3 +93,22 @@ def test_a_sweep_in_parallel_processes_gives_the_same_table(tiny_bundle_dir, tmp
     monkeypatch.setattr(report, "_stage", read_only)
     parallel = report.sweep("stage2", "alpha", [0.5, 1.0], base, tmp_path / "parallel", ev, jobs=2)
     pd.testing.assert_frame_equal(serial, parallel)
+
+
+def test_a_sweep_reuses_a_finished_run_of_the_same_config(tiny_bundle_dir, tmp_path, monkeypatch):
+    from flgcore import report
+    base = dict(model=str(tiny_bundle_dir), drop=[1, 2], steps=2, batch_size=2, warmup=1)
+    ev = dict(view="drop", n=2, steps=2)
+    alphas = report.sweep("stage2", "alpha", [0.5], base, tmp_path, ev)
+    stage, trained = report._stage, []
+
+    def counted(name):
+        cls, fn = stage(name)
+        return cls, lambda cfg: (trained.append((name, cfg.out)), fn(cfg))
+    monkeypatch.setattr(report, "_stage", counted)
+    modes = report.sweep("stage2", "drop_mode", ["whole_set", "per_block"], dict(base, alpha=0.5), tmp_path, ev,
+                         reuse=[tmp_path / "alpha_0.5"])
+    assert [n for n, _ in trained] == ["stage2", "eval"]  # per_block only: whole_set is alpha_0.5 again
+    assert trained[0][1] == str(tmp_path / "drop_mode_per_block")
+    assert modes.loc["whole_set"].equals(alphas.loc[0.5])
+    assert report.finished_twin("stage2", dict(base, alpha=1.0), [tmp_path / "alpha_0.5"]) is None
