@@ -182,6 +182,12 @@ def cmd_eval(a):
     run_eval(load_config(EvalConfig, a.config, a.overrides))
 
 
+def cmd_compare(a):
+    from .evaluate import paired_difference, read_clips
+    print(f"a = {a.a}\nb = {a.b}")
+    print(paired_difference(read_clips(a.a), read_clips(a.b), a.boot).round(4).to_string())
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import FlgError
     p = argparse.ArgumentParser(prog="flg", description="FastLightGen: fast, light video DiTs (flgcore)")
@@ -228,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--gpu", action="store_true", help="Stages II-III step time, memory, MFU and inference on a "
                    "random-init Wan at a real size (GpuBenchConfig: preset=wan2.1-1.3b ...)")
     stage("eval", cmd_eval, "SynthBench scores of a model on held-out seeds (or of a folder of clips)")
+
+    s = sub.add_parser("compare", help="two `flg eval` runs on the same seeds: per-dimension difference a - b "
+                       "with its 95%% paired-bootstrap interval")
+    s.add_argument("a", help="an eval run folder (e.g. the student's)")
+    s.add_argument("b", help="another, on the same seeds (e.g. the teacher's)")
+    s.add_argument("--boot", type=int, default=10_000, help="bootstrap resamples")
+    s.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("check", help="validate a stage config before launching it (paths, blocks, cache, batch x processes)")
     s.add_argument("stage", choices=["cache", "stage1", "stage2", "stage3"])

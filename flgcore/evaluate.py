@@ -47,6 +47,35 @@ def format_scores(agg: dict) -> str:
     return "\n".join(f"{k:>20}  {agg[k]:.4f}" for k in keys if k in agg)
 
 
+def read_clips(run: str | Path) -> pd.DataFrame:
+    """The per-clip scores of an `flg eval` run folder (or its clips.csv)."""
+    path = Path(run) / "clips.csv" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise FlgError(f"{run}: no clips.csv (pass an `flg eval` run folder)")
+    return pd.read_csv(path)
+
+
+def paired_difference(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """Per dimension: mean of a, mean of b, a - b and its 95% paired-bootstrap interval over the seeds.
+
+    Both models were scored on the same held-out seeds (same first frame, noise and caption), so the
+    per-seed differences carry most of the signal: resampling seeds, not clips of each model apart, gives
+    a much tighter interval than two independent ones. Every dimension is resampled with the same seeds,
+    so `average` keeps its meaning (a mean over dimensions, then over seeds). Set-level metrics (Frechet
+    distance) have no per-clip value and are left out."""
+    if set(a.seed) != set(b.seed):
+        raise FlgError(f"the two evaluations scored different seeds ({len(a)} and {len(b)} clips, "
+                       f"{len(set(a.seed) & set(b.seed))} in common): evaluate both with the same n and seed_offset")
+    dims = [d for d in [*synthbench.DIMENSIONS, "average"] if d in a and d in b]
+    a, b = a.set_index("seed").loc[sorted(a.seed), dims], b.set_index("seed").loc[sorted(a.seed), dims]
+    diff = a.to_numpy() - b.to_numpy()
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))
+    boot = diff[idx].mean(axis=1)  # (n_boot, dims)
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    return pd.DataFrame({"a": a.mean().to_numpy(), "b": b.mean().to_numpy(), "a - b": diff.mean(axis=0),
+                         "ci95_low": lo, "ci95_high": hi, "share_a_better": (boot > 0).mean(axis=0)}, index=dims)
+
+
 def load_clip_folder(folder: str | Path) -> tuple[torch.Tensor, list[synth.ClipSpec]]:
     files = sorted(Path(folder).glob("*.npz"))
     if not files:

@@ -106,6 +106,14 @@ def test_sample_and_eval_commands(tiny_run, tmp_path, capsys):
     # the saved clips evaluate to the same per-clip scores as a folder
     agg2 = run_eval(EvalConfig(clips=str(tmp_path / "s"), out=str(tmp_path / "e2"), videos=0))
     assert agg2["n"] == 2
+    capsys.readouterr()
+    # the same model against itself on the same seeds: every difference and its interval is zero
+    assert main(["compare", str(tmp_path / "e"), str(tmp_path / "e"), "--boot", "50"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[1:] == ["%.4f" % agg["average"]] * 2 + ["0.0"] * 4
+    assert main(["compare", str(tmp_path / "e"), str(tmp_path / "e2")]) == 2
+    assert "different seeds" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "e"), str(tmp_path / "nowhere")]) == 2
+    assert "no clips.csv" in capsys.readouterr().err
 
 
 def test_bad_model_directory_is_one_line(tmp_path, capsys):

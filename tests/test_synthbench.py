@@ -109,3 +109,36 @@ def test_captions_and_text_encoder():
     assert e.shape == (2, 8, 32) and e[1].abs().sum() == 0 and e[0, :6].abs().sum(-1).min() > 0
     with pytest.raises(synth.FlgError, match="unknown word 'purple'"):
         enc.encode(["a purple square"])
+
+
+def _clip_table(seeds, rng, shift=0.0):
+    import pandas as pd
+    df = pd.DataFrame({d: rng.uniform(0.2, 0.8, len(seeds)) for d in sb.DIMENSIONS}, index=seeds)
+    df["text_alignment"] += shift
+    df["average"] = df[list(sb.DIMENSIONS)].mean(axis=1)
+    return df.rename_axis("seed").reset_index()
+
+
+def test_paired_difference_of_two_evaluations():
+    from flgcore.evaluate import paired_difference
+    from flgcore.models import FlgError
+    rng = np.random.default_rng(0)
+    a = _clip_table(range(200), rng)
+    b = a.copy()
+    b[[*sb.DIMENSIONS, "average"]] += rng.normal(0, 0.05, (200, len(sb.DIMENSIONS) + 1))
+    b["text_alignment"] -= 0.1  # b is worse on one dimension only, by 0.1 on every seed
+    b["average"] = b[list(sb.DIMENSIONS)].mean(axis=1)
+    t = paired_difference(a.sample(frac=1, random_state=1), b, n_boot=2000)  # row order does not matter
+    d = (a.set_index("seed") - b.set_index("seed")).mean()
+    assert np.allclose(t["a - b"], d[t.index])
+    assert (t.ci95_low <= t["a - b"]).all() and (t["a - b"] <= t.ci95_high).all()
+    # the paired interval is about +-1.96 sd/sqrt(n) of the per-seed differences (sd 0.05 here), far tighter
+    # than the spread of either model's scores (uniform, sd 0.17)
+    width = (t.ci95_high - t.ci95_low)["imaging_quality"]
+    assert 0.7 * 2 * 1.96 * 0.05 / np.sqrt(200) < width < 1.3 * 2 * 1.96 * 0.05 / np.sqrt(200)
+    assert t.loc["text_alignment", "ci95_low"] > 0.08 and t.loc["text_alignment", "share_a_better"] == 1.0
+    assert abs(t.loc["imaging_quality", "share_a_better"] - 0.5) < 0.45
+    same = paired_difference(a, a, n_boot=100)
+    assert (same["a - b"] == 0).all() and (same.ci95_low == 0).all() and (same.ci95_high == 0).all()
+    with pytest.raises(FlgError, match="different seeds"):
+        paired_difference(a, b.iloc[:100])
