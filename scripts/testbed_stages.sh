@@ -1,6 +1,6 @@
 #!/bin/bash
 # Every number of REPRODUCTION.md's testbed rows for Stages I-III, on the shipped teacher, on this 2-core CPU
-# (~100 min: each lane trains a 1000-step Stage II): Stage I, then two lanes of one thread each, side by side.
+# (~2 h: each lane trains a 2000-step Stage II): Stage I, then two lanes of one thread each, side by side.
 # Logs and run folders under runs/.
 #
 #   bash scripts/testbed_stages.sh            # after a new teacher is shipped as synth-tiny
