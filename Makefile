@@ -47,6 +47,7 @@ demo: $(STAMP)
 	$(FLG) stage3 --model $(DEMO)/stage2/model --steps 20 --batch_size 8 --ckpt_every 10 --out $(DEMO)/stage3
 	$(FLG) sample --model $(DEMO)/stage3/student --seed 2000000000 --out $(DEMO)/samples-student
 	$(FLG) eval --model $(DEMO)/stage3/student --n $(DEMO_N) --out $(DEMO)/eval-student
+	$(FLG) compare $(DEMO)/eval-student $(DEMO)/eval-teacher
 	$(FLG) bench --teacher $(MODEL) --student $(DEMO)/stage3/student --n 8 --repeats 3 --out $(DEMO)/bench
 	@echo "== the block-importance notebook (quick profile) -> $(DEMO)/notebooks/quick/01_block_importance/"
 	$(FLG) notebooks run --profile quick --only 01_block_importance --out $(DEMO)/notebooks
