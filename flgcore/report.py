@@ -300,9 +300,9 @@ def finished_twin(stage: str, fields: dict, folders) -> Path | None:
     """The first of `folders` that holds a finished run of this config (apart from its `out`) made from the
     same input weights, or None."""
     cls, _ = _stage(stage)
+    inputs = _inputs(from_dict(cls, fields))  # fingerprinted once: the weights do not depend on `out`
     for d in map(Path, folders):
-        cfg = from_dict(cls, dict(fields, out=str(d)))
-        if (d / "metrics.json").is_file() and _same_run(d, cfg, _inputs(cfg)):
+        if (d / "metrics.json").is_file() and _same_run(d, from_dict(cls, dict(fields, out=str(d))), inputs):
             return d
     return None
 
@@ -323,8 +323,9 @@ def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_
     reuse = list(reuse)
     for v in values:
         tag = f"{key}_{v}".replace(" ", "").replace("[", "").replace("]", "").replace(",", "-")
-        run_dir = finished_twin(stage, dict(base, **{key: v}), reuse) or Path(out) / tag
-        todo.append((v, dict(base, **{key: v}, out=str(run_dir)),
+        fields = dict(base, **{key: v})
+        run_dir = finished_twin(stage, fields, reuse) or Path(out) / tag
+        todo.append((v, dict(fields, out=str(run_dir)),
                      dict(eval_fields, model=str(run_dir / model_subdir), out=str(run_dir / "eval"))))
     if jobs > 1 and len(todo) > 1:
         import multiprocessing
