@@ -265,27 +265,28 @@ def drop_for(stage1_run: str | Path, model, retention: float) -> list[int]:
     return complement(model, keep)
 
 
-def best_alpha(alpha_table: pd.DataFrame | str | Path) -> float:
-    """The Stage-II alpha whose drop view scored the highest SynthBench average in an alpha sweep (a table
-    or notebook 02's alpha.csv); rows that are not an alpha (the untrained skip baseline) are ignored. The
-    paper chose its alpha = 1 the same way, from Table 4; on a testbed where another alpha wins, the later
-    ablations should start from that one rather than from a collapsed model."""
+def best_value(table: pd.DataFrame | str | Path, key: str = "alpha") -> float:
+    """The value of a swept config field (`key`) whose row scored the highest SynthBench average, from a
+    sweep's table or its CSV (notebook 02's alpha.csv, notebook 03's beta1.csv); rows that are not a value
+    (the untrained skip baseline) are ignored. The paper chose its alpha = 1 from Table 4 and its beta1 from
+    Table 5 the same way; on a testbed where another value wins, the later ablations should start from that
+    one rather than from a collapsed model."""
     from .models import FlgError
-    if not isinstance(alpha_table, pd.DataFrame):
-        if not Path(alpha_table).is_file():
-            raise FlgError(f"{alpha_table} not found: run notebook 02_stage2_ablations first, or pass stage2_model / alpha")
-        alpha_table = pd.read_csv(alpha_table, index_col=0)
-    alphas = pd.to_numeric(pd.Series(alpha_table.index, index=alpha_table.index), errors="coerce")
-    scores = alpha_table["average"][alphas.notna()].astype(float)
+    if not isinstance(table, pd.DataFrame):
+        if not Path(table).is_file():
+            raise FlgError(f"{table} not found: run the notebook that writes it first, or pass {key} explicitly")
+        table = pd.read_csv(table, index_col=0)
+    values = pd.to_numeric(pd.Series(table.index, index=table.index), errors="coerce")
+    scores = table["average"][values.notna()].astype(float)
     if scores.empty:
-        raise FlgError("the alpha table has no trained rows")
-    return float(alphas[scores.idxmax()])
+        raise FlgError(f"the {key} table has no trained rows")
+    return float(values[scores.idxmax()])
 
 
 def best_stage2_model(runs_root: str | Path) -> str:
-    """Notebook 02's Stage-II model of the best alpha (see `best_alpha`)."""
+    """Notebook 02's Stage-II model of the best alpha (see `best_value`)."""
     nb02 = Path(runs_root) / "02_stage2_ablations"
-    best = best_alpha(nb02 / "alpha.csv")
+    best = best_value(nb02 / "alpha.csv", "alpha")
     # the folder report.sweep made for that value, whether it was written as 1 or 1.0
     found = [d for d in nb02.glob("alpha_*") if float(d.name[len("alpha_"):]) == best]
     return str((found[0] if found else nb02 / f"alpha_{best}") / "model")

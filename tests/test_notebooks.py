@@ -13,7 +13,7 @@ from flgcore.stage2 import Stage2Config
 from flgcore.stage3 import Stage3Config
 
 FIELDS = {f.name for c in (Stage1Config, Stage2Config, Stage3Config) for f in dataclasses.fields(c)}
-PREFIXED = {"eval_": EvalConfig, "bench_": BenchConfig, "clip_": EvalConfig}
+PREFIXED = {"eval_": EvalConfig, "bench_": BenchConfig, "clip_": EvalConfig, "stage3_": Stage3Config}
 # notebook-level inputs that are not one config's field: where to write, and which earlier run to read
 NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds", "jobs"}
 
@@ -61,9 +61,12 @@ def test_every_notebook_runs_end_to_end(tmp_path):
 def test_later_notebooks_start_from_the_best_alpha_of_notebook_02(tmp_path):
     import pandas as pd
     from flgcore.models import FlgError
-    from flgcore.report import best_alpha, best_stage2_model
+    from flgcore.report import best_stage2_model, best_value
     table = pd.DataFrame({"average": [0.9, 0.10, 0.26, 0.01]}, index=["skip, untrained", 0.0, 0.5, 1.0])
-    assert best_alpha(table) == 0.5  # the untrained baseline row is not an alpha
+    assert best_value(table, "alpha") == 0.5  # the untrained baseline row is not an alpha
+    beta1 = pd.DataFrame({"average": [0.70, 0.75, 0.69]}, index=[1.0, 2.0, 3.5])
+    beta1.to_csv(tmp_path / "beta1.csv")
+    assert best_value(tmp_path / "beta1.csv", "beta1") == 2.0
     nb02 = tmp_path / "02_stage2_ablations"
     nb02.mkdir()
     table.to_csv(nb02 / "alpha.csv")
@@ -71,7 +74,7 @@ def test_later_notebooks_start_from_the_best_alpha_of_notebook_02(tmp_path):
     (nb02 / "alpha_1").mkdir()  # a sweep over alphas=[0, 1] names its folders without ".0"
     pd.DataFrame({"average": [0.1, 0.3]}, index=[0, 1]).to_csv(nb02 / "alpha.csv")
     assert best_stage2_model(tmp_path) == str(nb02 / "alpha_1" / "model")
-    with pytest.raises(FlgError, match="run notebook 02_stage2_ablations first"):
+    with pytest.raises(FlgError, match="02_stage2_ablations/alpha.csv not found"):
         best_stage2_model(tmp_path / "elsewhere")
 
 
