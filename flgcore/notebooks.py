@@ -50,14 +50,22 @@ def _inputs(params: dict) -> dict:
     return {k: fingerprint(params[k]) for k in ("model", "stage2_model") if params.get(k)}
 
 
-def _done(executed: Path, params: dict) -> bool:
-    """An executed copy that ran to the end with these parameters and these input weights."""
+def _code(nb: dict) -> list[str]:
+    """A notebook's code cells as text, without the cell papermill injects for the parameters."""
+    return ["".join(c["source"]) for c in nb["cells"]
+            if c["cell_type"] == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+
+
+def _done(executed: Path, params: dict, src: Path) -> bool:
+    """An executed copy that ran to the end with these parameters, these input weights and the notebook's
+    current code (an edited notebook runs again; the finished runs inside its sweeps are still reused)."""
     sidecar = executed.with_name("inputs.json")
     if not (executed.is_file() and sidecar.is_file()) or json.loads(sidecar.read_text()) != _inputs(params):
         return False
     nb = json.loads(executed.read_text())
     pm = nb.get("metadata", {}).get("papermill", {})
-    return pm.get("parameters") == params and bool(pm.get("end_time")) and not pm.get("exception")
+    return (pm.get("parameters") == params and bool(pm.get("end_time")) and not pm.get("exception")
+            and _code(nb) == _code(json.loads(src.read_text())))
 
 
 def run_notebooks(profile: str = "quick", only: list[str] | None = None, params: dict | None = None,
@@ -86,7 +94,7 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
         p.update(out=str(run_dir), figures="figures" if profile == "full" else str(run_dir / "figures"),
                  runs_root=str(Path(out) / profile))
         executed = run_dir / f"{name}.ipynb"
-        if not force and _done(executed, p):
+        if not force and _done(executed, p, src):
             status[name] = "reused"
             continue
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -39,15 +39,24 @@ def test_a_folder_that_is_not_a_run_is_never_removed(tiny_bundle_dir, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def test_an_executed_notebook_is_not_reused_after_its_model_changed(tiny_bundle_dir, tmp_path):
+def test_an_executed_notebook_is_not_reused_after_its_model_or_its_code_changed(tiny_bundle_dir, tmp_path):
     from flgcore.notebooks import _done, _inputs
     model = tmp_path / "teacher"
     shutil.copytree(tiny_bundle_dir, model)
     params = dict(model=str(model), n=2)
+    cell = lambda text, tags=(): {"cell_type": "code", "metadata": {"tags": list(tags)}, "source": text}  # noqa: E731
+    src = tmp_path / "01.ipynb"
+    src.write_text(json.dumps({"cells": [cell("n = 1", ["parameters"]), cell("print(n)")]}))
     executed = tmp_path / "nb" / "01.ipynb"
     executed.parent.mkdir()
-    executed.write_text(json.dumps({"metadata": {"papermill": {"parameters": params, "end_time": "now"}}}))
+    ran = {"cells": [cell("n = 1", ["parameters"]), cell("n = 2\n", ["injected-parameters"]), cell(["print", "(n)"])],
+           "metadata": {"papermill": {"parameters": params, "end_time": "now"}}}
+    executed.write_text(json.dumps(ran))
     (tmp_path / "nb" / "inputs.json").write_text(json.dumps(_inputs(params)))
-    assert _done(executed, params)
+    assert _done(executed, params, src)  # the injected cell is papermill's, not the notebook's
+    src.write_text(json.dumps({"cells": [cell("n = 1", ["parameters"]), cell("print(n + 1)")]}))
+    assert not _done(executed, params, src)  # edited after it ran
+    src.write_text(json.dumps({"cells": ran["cells"][:1] + ran["cells"][2:]}))
+    assert _done(executed, params, src)
     _perturb(model)
-    assert not _done(executed, params)
+    assert not _done(executed, params, src)
