@@ -33,8 +33,9 @@ PROFILES: dict[str, dict[str, dict]] = {
         # Stage-II-only row sampled as the teacher is (the paper's Table 6 used 28 steps)
         "03_stage3_ablations": dict(steps=300, batch_size=12, eval_n=256, eval_steps=50, beta1s=[1.0, 2.0, 3.5],
                                     beta2s=[0.0, 0.25, 1.0]),
-        "04_steps_vs_retention": dict(steps=400, batch_size=16, eval_n=256, student_steps=[1, 2, 4],
-                                      retentions=[1.0, 0.8, 0.7, 0.6]),
+        # Stage II as in 02 and Stage III as in 03, so that their runs of the same config are reused
+        "04_steps_vs_retention": dict(steps=400, batch_size=16, stage3_steps=300, stage3_batch_size=12, eval_n=256,
+                                      student_steps=[1, 2, 4], retentions=[1.0, 0.8, 0.7, 0.6]),
         "05_method_comparison": dict(steps=300, batch_size=12, eval_n=256, bench_n=16, bench_repeats=5),
     },
 }

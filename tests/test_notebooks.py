@@ -52,6 +52,7 @@ def test_every_notebook_runs_end_to_end(tmp_path):
     assert status == {name: "ok" for name in ORDER}, status
     assert (tmp_path / "quick" / "01_block_importance" / "block_importance.png").is_file()
     assert (tmp_path / "quick" / "04_steps_vs_retention" / "grid.csv").is_file()
+    assert not (tmp_path / "quick" / "04_steps_vs_retention" / "stage2_r0.7").exists()  # notebook 02's run, reused
     executed = json.loads((tmp_path / "quick" / "03_stage3_ablations" / "03_stage3_ablations.ipynb").read_text())
     assert executed["metadata"]["papermill"]["parameters"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     # a second run reuses every finished notebook
