@@ -265,7 +265,7 @@ def drop_for(stage1_run: str | Path, model, retention: float) -> list[int]:
     return complement(model, keep)
 
 
-def best_value(table: pd.DataFrame | str | Path, key: str = "alpha") -> float:
+def best_value(table: pd.DataFrame | str | Path, key: str) -> float:
     """The value of a swept config field (`key`) whose row scored the highest SynthBench average, from a
     sweep's table or its CSV (notebook 02's alpha.csv, notebook 03's beta1.csv); rows that are not a value
     (the untrained skip baseline) are ignored. The paper chose its alpha = 1 from Table 4 and its beta1 from
