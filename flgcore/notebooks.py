@@ -36,7 +36,9 @@ PROFILES: dict[str, dict[str, dict]] = {
         # Stage II as in 02 and Stage III as in 03, so that their runs of the same config are reused
         "04_steps_vs_retention": dict(steps=400, batch_size=16, stage3_steps=300, stage3_batch_size=12, eval_n=256,
                                       student_steps=[1, 2, 4], retentions=[1.0, 0.8, 0.7, 0.6]),
-        "05_method_comparison": dict(steps=300, batch_size=12, eval_n=256, bench_n=16, bench_repeats=5),
+        # the teacher and pruning-only rows sampled as the paper's teacher (50 Euler steps + CFG); its Stage-III
+        # runs are those of 03 (FastLightGen) and 04 (DMD2 at 4 steps), reused
+        "05_method_comparison": dict(steps=300, batch_size=12, eval_n=256, eval_steps=50, bench_n=16, bench_repeats=5),
     },
 }
 

@@ -71,8 +71,17 @@ def _same_run(out: Path, cfg, inputs: dict) -> bool:
     return yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg) and read_json(out / "inputs.json") == inputs
 
 
-def evaluated(**fields) -> dict:
-    return run("eval", **fields)
+def evaluated(reuse=(), **fields) -> dict:
+    """`flg eval` with these fields, cached like `run`; an evaluation of the same config already finished in one
+    of the `reuse` folders (apart from its `out`) is read from there instead."""
+    twin = finished_twin("eval", fields, reuse)
+    return read_json(twin / "metrics.json") if twin else run("eval", **fields)
+
+
+def run_folders(runs_root: str | Path, notebooks: list[str]) -> list[Path]:
+    """Every run folder (stage runs and evaluations) that these notebooks made under runs_root: the `reuse`
+    candidates of a later notebook."""
+    return sorted(p.parent for nb in notebooks for p in (Path(runs_root) / nb).glob("**/config.yaml"))
 
 
 def scores_table(results: dict[str, dict], keys: list[str] | None = None) -> pd.DataFrame:
@@ -300,6 +309,9 @@ def _run_and_evaluate(stage: str, fields: dict, eval_fields: dict) -> None:
 def finished_twin(stage: str, fields: dict, folders) -> Path | None:
     """The first of `folders` that holds a finished run of this config (apart from its `out`) made from the
     same input weights, or None."""
+    folders = list(folders)
+    if not folders:
+        return None
     cls, _ = _stage(stage)
     inputs = _inputs(from_dict(cls, fields))  # fingerprinted once: the weights do not depend on `out`
     for d in map(Path, folders):

@@ -53,6 +53,11 @@ def test_every_notebook_runs_end_to_end(tmp_path):
     assert (tmp_path / "quick" / "01_block_importance" / "block_importance.png").is_file()
     assert (tmp_path / "quick" / "04_steps_vs_retention" / "grid.csv").is_file()
     assert not (tmp_path / "quick" / "04_steps_vs_retention" / "stage2_r0.7").exists()  # notebook 02's run, reused
+    # notebook 05's FastLightGen student is notebook 03's beta1 run, and its drop-view evaluation is 03's too;
+    # its DMD2 (4 steps) is no run of 04 (1 step here), so it trains its own
+    nb05 = tmp_path / "quick" / "05_method_comparison"
+    assert (nb05 / "dmd2" / "student").is_dir()
+    assert not any((nb05 / d).exists() for d in ("fastlightgen", "eval_flg", "eval_pruned"))
     executed = json.loads((tmp_path / "quick" / "03_stage3_ablations" / "03_stage3_ablations.ipynb").read_text())
     assert executed["metadata"]["papermill"]["parameters"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     # a second run reuses every finished notebook
