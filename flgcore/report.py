@@ -33,14 +33,24 @@ def _stage(name: str):
             "stage3": (Stage3Config, run_stage3), "eval": (EvalConfig, run_eval)}[name]
 
 
-def run(stage: str, **fields) -> dict:
+def run(stage: str, reuse=(), **fields) -> dict:
     """Run `stage` (stage1, stage2, stage3, eval) with these config fields unless its run folder already
-    holds a finished run of the same config made from the same input weights; returns its metrics.json.
+    holds a finished run of the same config made from the same input weights; returns its metrics.json
+    (see `run_folder`, which also takes finished runs of the same config from other folders).
 
     The inputs (`model`, and Stage II's `selection`) are compared by content (`models.fingerprint`), not by
     name: a notebook executed again after a new teacher was shipped as `synth-tiny` must not show the old
     teacher's results. A folder made with another config or other inputs is removed and run again (a stage
     would otherwise resume from its checkpoints); one with the same, left unfinished, is resumed."""
+    return read_json(run_folder(stage, reuse, **fields) / "metrics.json")
+
+
+def run_folder(stage: str, reuse=(), **fields) -> Path:
+    """The folder of a finished run of this config: a finished twin in one of the `reuse` folders (apart from
+    its `out`: a later notebook takes an earlier one's run rather than training the same model twice), else
+    `out`, run there by `run`'s rules."""
+    if twin := finished_twin(stage, fields, reuse):
+        return twin
     import shutil
     cls, fn = _stage(stage)
     cfg = from_dict(cls, fields)
@@ -48,7 +58,7 @@ def run(stage: str, **fields) -> dict:
     inputs = _inputs(cfg)
     same = _same_run(out, cfg, inputs)
     if same and (out / "metrics.json").is_file():
-        return read_json(out / "metrics.json")
+        return out
     if out.exists() and not same:
         if not ((out / "config.yaml").is_file() or (out / "inputs.json").is_file()):
             raise FlgError(f"{out} exists and is not a run folder; choose another `out`")
@@ -57,7 +67,7 @@ def run(stage: str, **fields) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "inputs.json", inputs)
     fn(cfg)
-    return read_json(out / "metrics.json")
+    return out
 
 
 def _inputs(cfg) -> dict:
@@ -72,10 +82,8 @@ def _same_run(out: Path, cfg, inputs: dict) -> bool:
 
 
 def evaluated(reuse=(), **fields) -> dict:
-    """`flg eval` with these fields, cached like `run`; an evaluation of the same config already finished in one
-    of the `reuse` folders (apart from its `out`) is read from there instead."""
-    twin = finished_twin("eval", fields, reuse)
-    return read_json(twin / "metrics.json") if twin else run("eval", **fields)
+    """`flg eval` with these fields, cached like `run` (and reused from `reuse` like `run_folder`)."""
+    return run("eval", reuse, **fields)
 
 
 def run_folders(runs_root: str | Path, notebooks: list[str]) -> list[Path]:
