@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import flow
 from .config import save_config
-from .models import Cond, FlgError, velocity
+from .models import Cond, FlgError, check_attention, set_attention, velocity
 from .runs import setup_torch, write_json
 from .surgery import (blocks, checkpoint_blocks, checkpoint_share, checkpointed, complement, prune,
                       set_checkpointing, skipping)
@@ -54,6 +54,7 @@ class GpuBenchConfig:
     lora_rank: int = 64
     what: list[str] = field(default_factory=lambda: ["stage2", "stage3", "inference"])
     checkpointing: list[bool | float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # share of blocks recomputed
+    attention: list[str] = field(default_factory=lambda: ["native"])  # diffusers backends, e.g. [native, _native_cudnn]
     repeats: int = 3
     warmup: int = 1
     peak_tflops: float = 989.0     # H100 SXM dense bf16
@@ -188,6 +189,9 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
     setup_torch(0, cfg.device)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise FlgError("flg bench --gpu needs a CUDA device (device=cpu with preset=tiny runs it on the CPU)")
+    backends = [check_attention(b) for b in cfg.attention]
+    if not backends:
+        raise FlgError("attention must name at least one backend, e.g. [native]")
     model = build(cfg)
     x, s, cond, tokens = inputs(cfg, model)
     n = len(blocks(model))
@@ -196,30 +200,32 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
     keep = complement(model, drop)
     rows = []
     base = dict(preset=cfg.preset, blocks_built=n, tokens=tokens, batch=cfg.batch_size)
-    for ckpt in map(checkpoint_share, cfg.checkpointing):
-        set_checkpointing(model, ckpt)
-        if "stage2" in cfg.what:
-            model.train()
-            make = lambda x_, s_, c_: stage2_step_fn(cfg, model, drop, x_, s_, c_)  # noqa: E731
-            r = measure(make(x, s, cond), count_flops(make, cfg, model), cfg, f"stage2 ckpt={ckpt}")
-            rows.append(dict(base, what="stage2 step", grad_checkpointing=ckpt, **r))
-            torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
-        if "stage3" in cfg.what:
-            student = prune(model, keep).train()  # keeps the blocks' checkpointing marks
-            critics = Critics(model, drop, "lora", "pruned", cfg.lora_rank)
-            make = lambda x_, s_, c_: stage3_step_fn(cfg, model, student, critics, x_, s_, c_)  # noqa: E731
-            r = measure(make(x, s, cond), count_flops(make, cfg, model, [student]), cfg, f"stage3 ckpt={ckpt}")
-            rows.append(dict(base, what="stage3 student turn + fake update", grad_checkpointing=ckpt, **r))
-            model.delete_adapters("fake")
-            for p in model.parameters():
-                p.requires_grad_(True)
-            del student, critics
-            torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
-    summary = {}
-    if "inference" in cfg.what:
+    for att in backends:
+        set_attention(model, att)
+        for ckpt in map(checkpoint_share, cfg.checkpointing):
+            set_checkpointing(model, ckpt)
+            tag = f"ckpt={ckpt} attention={att}"
+            if "stage2" in cfg.what:
+                model.train()
+                make = lambda x_, s_, c_: stage2_step_fn(cfg, model, drop, x_, s_, c_)  # noqa: E731
+                r = measure(make(x, s, cond), count_flops(make, cfg, model), cfg, f"stage2 {tag}")
+                rows.append(dict(base, what="stage2 step", grad_checkpointing=ckpt, attention=att, **r))
+                torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
+            if "stage3" in cfg.what:
+                student = prune(model, keep).train()  # keeps the blocks' checkpointing marks and attention backend
+                critics = Critics(model, drop, "lora", "pruned", cfg.lora_rank)
+                make = lambda x_, s_, c_: stage3_step_fn(cfg, model, student, critics, x_, s_, c_)  # noqa: E731
+                r = measure(make(x, s, cond), count_flops(make, cfg, model, [student]), cfg, f"stage3 {tag}")
+                rows.append(dict(base, what="stage3 student turn + fake update", grad_checkpointing=ckpt, attention=att, **r))
+                model.delete_adapters("fake")
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                del student, critics
+                torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
+    summary, by_attention = {}, {}
+    if "inference" in cfg.what:  # last: the model goes to bf16 in place
         set_checkpointing(model, 0)
         teacher = model.to(torch.bfloat16).eval()
-        student = prune(teacher, keep)
         sig, ss = flow.euler_sigmas(cfg.teacher_steps, 5.0), student_sigmas(cfg.student_steps, 5.0)
 
         def teacher_fn(x_, s_, c_):
@@ -229,21 +235,25 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
 
         def student_fn(x_, s_, c_):
             return lambda: flow.fewstep_sample(lambda z, t: velocity(student, z, t, c_), x_.to(torch.bfloat16), ss)
-        with torch.no_grad():
-            rt = measure(teacher_fn(x, s, cond), count_flops(teacher_fn, cfg, teacher), cfg, "teacher 50 x CFG")
-            rs = measure(student_fn(x, s, cond), count_flops(student_fn, cfg, teacher), cfg, "student")
         theoretical = (flow.nfe(cfg.teacher_steps, cfg.teacher_cfg) * n) / (cfg.student_steps * len(keep))
-        rows += [dict(base, what="teacher sampling", grad_checkpointing=0.0, **rt),
-                 dict(base, what="student sampling", grad_checkpointing=0.0, **rs)]
-        summary = dict(theoretical_speedup=theoretical, measured_speedup=rt["sec"] / rs["sec"],
-                       ratio=rt["sec"] / rs["sec"] / theoretical, kept_blocks=len(keep))
+        for att in backends:
+            set_attention(teacher, att)
+            student = prune(teacher, keep)
+            with torch.no_grad():
+                rt = measure(teacher_fn(x, s, cond), count_flops(teacher_fn, cfg, teacher), cfg, f"teacher 50 x CFG attention={att}")
+                rs = measure(student_fn(x, s, cond), count_flops(student_fn, cfg, teacher), cfg, f"student attention={att}")
+            rows += [dict(base, what="teacher sampling", grad_checkpointing=0.0, attention=att, **rt),
+                     dict(base, what="student sampling", grad_checkpointing=0.0, attention=att, **rs)]
+            by_attention[att] = dict(theoretical_speedup=theoretical, measured_speedup=rt["sec"] / rs["sec"],
+                                     ratio=rt["sec"] / rs["sec"] / theoretical, kept_blocks=len(keep))
+        summary = dict(by_attention[backends[0]], by_attention=by_attention)  # the first backend's at the top level
     out = Path(cfg.out)
     save_config(cfg, out)
     pd.DataFrame(rows).to_csv(out / "bench_gpu.csv", index=False)
     dev = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"
     write_json(out / "metrics.json", dict(summary, device=dev, rows=rows))
-    print(pd.DataFrame(rows)[["what", "grad_checkpointing", "sec", "tflops", "mfu", "peak_gib", "oom"]].to_string(index=False))
-    if summary:
-        print(f"speed-up: theoretical {summary['theoretical_speedup']:.1f}x, measured {summary['measured_speedup']:.1f}x, "
-              f"ratio {summary['ratio']:.2f}  [{dev}]")
+    print(pd.DataFrame(rows)[["what", "grad_checkpointing", "attention", "sec", "tflops", "mfu", "peak_gib", "oom"]].to_string(index=False))
+    for att, r in by_attention.items():
+        print(f"speed-up ({att} attention): theoretical {r['theoretical_speedup']:.1f}x, measured "
+              f"{r['measured_speedup']:.1f}x, ratio {r['ratio']:.2f}  [{dev}]")
     return dict(summary, rows=rows)

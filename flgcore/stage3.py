@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import flow, synth, zero
 from .config import save_config
 from .data import condition_source
-from .models import FlgError, cat_conds, to_device, velocity
+from .models import FlgError, cat_conds, check_attention, set_attention, to_device, velocity
 from .pretrain import export_model, pretrain_loss
 from .runs import (setup_torch, append_jsonl, finished, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
@@ -245,6 +245,7 @@ class Stage3Config:
     offload: bool = False            # zero=true: optimiser states and parameters offloaded to CPU memory
     precision: str = "fp32"          # zero=true: fp32 or bf16 (the engines hold bf16 weights, fp32 master copies)
     grad_checkpointing: bool | float = False  # student and fake DiT: true = every block, 0.5 = every other
+    attention: str = "native"        # diffusers attention backend for all three roles (models.set_attention)
 
 
 def resolve_drop(cfg: Stage3Config, model, meta: dict) -> list[int]:
@@ -272,6 +273,7 @@ def check_config(cfg: Stage3Config) -> None:
     if cfg.fake not in ("lora", "full"):
         raise FlgError(f"fake must be 'lora' or 'full', got {cfg.fake!r}")
     checkpoint_share(cfg.grad_checkpointing)
+    check_attention(cfg.attention)
     if cfg.fake_updates < 1:
         raise FlgError(f"fake_updates must be >= 1, got {cfg.fake_updates}")
     if not 0 < cfg.min_sigma < cfg.max_sigma <= 1:
@@ -289,6 +291,7 @@ def run_stage3(cfg: Stage3Config) -> dict:
     main = zero.is_main()
     bundle = load_bundle(cfg.model, device="cpu" if cfg.zero else dev)
     shared, enc = bundle.model, bundle.encoder
+    set_attention(shared, cfg.attention)  # before the student and any fake copy are made from it
     drop = resolve_drop(cfg, shared, bundle.meta)
     keep = complement(shared, drop)
     out = Path(cfg.out)

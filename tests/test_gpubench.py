@@ -14,6 +14,19 @@ def test_gpu_bench_runs_its_code_path_on_the_cpu(tmp_path):
     assert all(r["sec"] > 0 and r["tflops"] > 0 for r in m["rows"])
     assert m["theoretical_speedup"] == (3 * 2 * 10) / (4 * 7) and m["kept_blocks"] == 7
     assert main(["bench", "--gpu", "preset=nope", "device=cpu", f"out={out}"]) == 2
+    assert main(["bench", "--gpu", "preset=tiny", "device=cpu", "attention=[native, nope]", f"out={out}"]) == 2
+
+
+def test_gpu_bench_measures_each_attention_backend(tmp_path):
+    out = tmp_path / "gb"
+    assert main(["bench", "--gpu", "preset=tiny", "device=cpu", "frames=5", "height=32", "width=32", "text_len=4",
+                 "repeats=1", "warmup=0", "teacher_steps=3", "checkpointing=[0]", "what=[stage2, inference]",
+                 "attention=[native, _native_math]", f"out={out}"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [(r["what"], r["attention"]) for r in m["rows"]] == [
+        ("stage2 step", "native"), ("stage2 step", "_native_math"), ("teacher sampling", "native"),
+        ("student sampling", "native"), ("teacher sampling", "_native_math"), ("student sampling", "_native_math")]
+    assert set(m["by_attention"]) == {"native", "_native_math"} and m["ratio"] == m["by_attention"]["native"]["ratio"]
 
 
 def test_a_setting_out_of_gpu_memory_is_a_row_not_a_crash():

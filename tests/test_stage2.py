@@ -83,6 +83,24 @@ def test_kill_minus_9_and_resume_gives_identical_weights(tiny_bundle_dir, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_attention_backend_changes_the_kernel_not_the_training(tiny_bundle_dir, tmp_path, monkeypatch):
+    """attention=_native_math (torch's reference kernel) reaches every attention processor and logs the
+    losses of the default SDPA path."""
+    import flgcore.stage2
+    from flgcore.models import set_attention
+    seen = []
+
+    def spy(model, backend):
+        set_attention(model, backend)
+        seen.append({str(getattr(m.processor, "_attention_backend", None)) for m in model.modules() if hasattr(m, "processor")})
+    monkeypatch.setattr(flgcore.stage2, "set_attention", spy)
+    run_stage2(_cfg(tiny_bundle_dir, tmp_path / "native"))
+    run_stage2(_cfg(tiny_bundle_dir, tmp_path / "math", attention="_native_math"))
+    assert seen == [{"None"}, {"AttentionBackendName._NATIVE_MATH"}]
+    logs = [[json.loads(l)["loss"] for l in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("native", "math")]
+    assert logs[0] == pytest.approx(logs[1], rel=1e-4)
+
+
 def test_non_finite_loss_stops_with_the_step(tiny_bundle_dir, tmp_path):
     with pytest.raises(FlgError, match=r"non-finite loss .* at step \d+"):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path, lr=1e20, grad_clip=1e30, steps=6, ckpt_every=1))
@@ -100,6 +118,8 @@ def test_keep_set_that_does_not_match_the_model(tiny_bundle_dir, tmp_path):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", drop=[]))
     with pytest.raises(FlgError, match="grad_checkpointing .* got 2.0"):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", grad_checkpointing=2.0))
+    with pytest.raises(FlgError, match="attention must be a diffusers attention backend, got 'fastest'"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", attention="fastest"))
     assert not (tmp_path / "r").exists()
 
 

@@ -197,6 +197,10 @@ def test_clear_errors(tiny_stage2_dir, tiny_bundle_dir, tmp_path):
         run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", retention=0.9))
     with pytest.raises(FlgError, match="sigmas must be decreasing"):
         run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", sigmas=[0.5, 0.9]))
+    with pytest.raises(FlgError, match="attention must be a diffusers attention backend, got 'fastest'"):
+        run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", attention="fastest"))
+    with pytest.raises(FlgError, match="attention=flash: .*flash-attn"):  # a kernel this machine does not have
+        run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", attention="flash"))
     assert not (tmp_path / "r").exists()
 
 
