@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .config import load_config
-from .models import BUILTIN, FAMILIES, FlgError
+from .models import BUILTIN, FAMILIES, FlgError, check_attention
 
 STAGES = {"cache": ("cache", "CacheConfig"), "stage1": ("importance", "Stage1Config"),
           "stage2": ("stage2", "Stage2Config"), "stage3": ("stage3", "Stage3Config")}
@@ -117,6 +117,10 @@ def check_stage(stage: str, config: str | None, overrides: list[str], processes:
             problems.append(f"model={cfg.model}: no saved drop set (give a Stage-II model, drop=[...] or retention=1.0)")
         problems += _check_indices("drop", drop, n)
     if stage in ("stage2", "stage3"):
+        try:
+            check_attention(cfg.attention)
+        except FlgError as e:
+            problems.append(str(e))
         if cfg.batch_size % processes:
             problems.append(f"batch_size={cfg.batch_size} (global) is not divisible by {processes} processes")
         if processes > 1 and not cfg.zero:
