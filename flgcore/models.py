@@ -302,14 +302,20 @@ def set_attention(model, backend: str) -> None:
     attention=[native,_native_cudnn]`). Self-attention is ~70 % of a Wan 1.3B step's FLOPs at 480p x 81
     frames (32760 tokens), so its kernel sets the MFU. "_flash_3" needs FlashAttention 3 installed. Copies made later (the pruned student, a full fake DiT)
     keep the setting; saved models do not carry it."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
     backend = check_attention(backend)
-    if backend == "native" and all(getattr(getattr(m, "processor", None), "_attention_backend", None) is None
-                                   for m in model.modules()):
+    active = registry.get_active_backend()[0]
+    if backend == active and all(getattr(getattr(m, "processor", None), "_attention_backend", None) is None
+                                 for m in model.modules()):
         return  # already the default; diffusers would only log its "experimental" warning
     try:
         model.set_attention_backend(backend)
     except (RuntimeError, ValueError, ImportError) as e:  # a kernel package missing or too old
         raise FlgError(f"attention={backend}: {str(e).splitlines()[0]}") from None
+    finally:
+        # diffusers also makes it the process-wide default, which every model loaded later would silently use
+        # (a bench of `_native_math` changed the numerics of a training run after it); keep it to this model.
+        registry.set_active_backend(active)
 
 
 def load_model(name: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"):

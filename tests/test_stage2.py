@@ -97,6 +97,8 @@ def test_attention_backend_changes_the_kernel_not_the_training(tiny_bundle_dir, 
     run_stage2(_cfg(tiny_bundle_dir, tmp_path / "native"))
     run_stage2(_cfg(tiny_bundle_dir, tmp_path / "math", attention="_native_math"))
     assert seen == [{"None"}, {"AttentionBackendName._NATIVE_MATH"}]
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    assert _AttentionBackendRegistry.get_active_backend()[0] == "native"  # models loaded later are untouched
     logs = [[json.loads(l)["loss"] for l in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("native", "math")]
     assert logs[0] == pytest.approx(logs[1], rel=1e-4)
 
