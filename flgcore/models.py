@@ -300,8 +300,8 @@ def set_attention(model, backend: str) -> None:
     SDPA choosing its own kernel; "_native_cudnn" forces cuDNN's fused attention (PyTorch 2.5's release notes
     report it up to 75 % faster than FlashAttention-2 on H100; not yet measured here: `flg bench --gpu
     attention=[native,_native_cudnn]`). Self-attention is ~70 % of a Wan 1.3B step's FLOPs at 480p x 81
-    frames (32760 tokens), so its kernel sets the MFU. "_flash_3" needs FlashAttention 3 installed. Copies made later (the pruned student, a full fake DiT)
-    keep the setting; saved models do not carry it."""
+    frames (32760 tokens), so its kernel sets the MFU. "_flash_3" needs FlashAttention 3 installed. Copies made
+    later (the pruned student, a full fake DiT) keep the setting; saved models and other models do not."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
     backend = check_attention(backend)
     active = registry.get_active_backend()[0]
