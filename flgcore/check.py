@@ -125,6 +125,8 @@ def check_stage(stage: str, config: str | None, overrides: list[str], processes:
             problems.append(f"batch_size={cfg.batch_size} (global) is not divisible by {processes} processes")
         if processes > 1 and not cfg.zero:
             problems.append(f"{processes} processes but zero=false: every process would train its own copy")
+        if cfg.zero and cfg.compile:
+            problems.append("compile=true is not supported with zero=true (ZeRO-3 gathers each block's weights in hooks)")
         if cfg.zero:
             import importlib.util
             if importlib.util.find_spec("deepspeed") is None:

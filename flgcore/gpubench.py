@@ -25,7 +25,7 @@ from . import flow
 from .config import save_config
 from .models import Cond, FlgError, check_attention, set_attention, velocity
 from .runs import setup_torch, write_json
-from .surgery import (blocks, checkpoint_blocks, checkpoint_share, checkpointed, complement, prune,
+from .surgery import (blocks, checkpoint_blocks, checkpoint_share, checkpointed, compile_blocks, complement, prune,
                       set_checkpointing, skipping)
 
 _WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
@@ -55,6 +55,7 @@ class GpuBenchConfig:
     what: list[str] = field(default_factory=lambda: ["stage2", "stage3", "inference"])
     checkpointing: list[bool | float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # share of blocks recomputed
     attention: list[str] = field(default_factory=lambda: ["native"])  # diffusers backends, e.g. [native, _native_cudnn]
+    compile: list[bool] = field(default_factory=lambda: [False])  # training steps with every block torch.compiled too
     repeats: int = 3
     warmup: int = 1
     peak_tflops: float = 989.0     # H100 SXM dense bf16
@@ -192,6 +193,8 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
     backends = [check_attention(b) for b in cfg.attention]
     if not backends:
         raise FlgError("attention must name at least one backend, e.g. [native]")
+    if not cfg.compile or any(not isinstance(c, bool) for c in cfg.compile):
+        raise FlgError(f"compile must be a list of true/false, e.g. [false, true], got {cfg.compile!r}")
     model = build(cfg)
     x, s, cond, tokens = inputs(cfg, model)
     n = len(blocks(model))
@@ -200,23 +203,31 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
     keep = complement(model, drop)
     rows = []
     base = dict(preset=cfg.preset, blocks_built=n, tokens=tokens, batch=cfg.batch_size)
-    for att in backends:
+    # FLOPs are counted eagerly (compiling changes no model FLOP); the compile itself happens in measure's warm-up
+    for comp, att in [(c, a) for c in cfg.compile for a in backends]:
         set_attention(model, att)
         for ckpt in map(checkpoint_share, cfg.checkpointing):
             set_checkpointing(model, ckpt)
-            tag = f"ckpt={ckpt} attention={att}"
+            tag = f"ckpt={ckpt} attention={att} compile={comp}"
+            row = dict(base, grad_checkpointing=ckpt, attention=att, compile=comp)
             if "stage2" in cfg.what:
                 model.train()
                 make = lambda x_, s_, c_: stage2_step_fn(cfg, model, drop, x_, s_, c_)  # noqa: E731
-                r = measure(make(x, s, cond), count_flops(make, cfg, model), cfg, f"stage2 {tag}")
-                rows.append(dict(base, what="stage2 step", grad_checkpointing=ckpt, attention=att, **r))
+                flops = count_flops(make, cfg, model)
+                compile_blocks(model, comp)
+                r = measure(make(x, s, cond), flops, cfg, f"stage2 {tag}")
+                compile_blocks(model, False)
+                rows.append(dict(row, what="stage2 step", **r))
                 torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
             if "stage3" in cfg.what:
                 student = prune(model, keep).train()  # keeps the blocks' checkpointing marks and attention backend
                 critics = Critics(model, drop, "lora", "pruned", cfg.lora_rank)
                 make = lambda x_, s_, c_: stage3_step_fn(cfg, model, student, critics, x_, s_, c_)  # noqa: E731
-                r = measure(make(x, s, cond), count_flops(make, cfg, model, [student]), cfg, f"stage3 {tag}")
-                rows.append(dict(base, what="stage3 student turn + fake update", grad_checkpointing=ckpt, attention=att, **r))
+                flops = count_flops(make, cfg, model, [student])
+                compile_blocks(model, comp); compile_blocks(student, comp)
+                r = measure(make(x, s, cond), flops, cfg, f"stage3 {tag}")
+                compile_blocks(model, False)
+                rows.append(dict(row, what="stage3 student turn + fake update", **r))
                 model.delete_adapters("fake")
                 for p in model.parameters():
                     p.requires_grad_(True)
@@ -242,8 +253,8 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
             with torch.no_grad():
                 rt = measure(teacher_fn(x, s, cond), count_flops(teacher_fn, cfg, teacher), cfg, f"teacher 50 x CFG attention={att}")
                 rs = measure(student_fn(x, s, cond), count_flops(student_fn, cfg, teacher), cfg, f"student attention={att}")
-            rows += [dict(base, what="teacher sampling", grad_checkpointing=0.0, attention=att, **rt),
-                     dict(base, what="student sampling", grad_checkpointing=0.0, attention=att, **rs)]
+            rows += [dict(base, what="teacher sampling", grad_checkpointing=0.0, attention=att, compile=False, **rt),
+                     dict(base, what="student sampling", grad_checkpointing=0.0, attention=att, compile=False, **rs)]
             by_attention[att] = dict(theoretical_speedup=theoretical, measured_speedup=rt["sec"] / rs["sec"],
                                      ratio=rt["sec"] / rs["sec"] / theoretical, kept_blocks=len(keep))
         summary = dict(by_attention[backends[0]], by_attention=by_attention)  # the first backend's at the top level
@@ -252,7 +263,7 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
     pd.DataFrame(rows).to_csv(out / "bench_gpu.csv", index=False)
     dev = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"
     write_json(out / "metrics.json", dict(summary, device=dev, rows=rows))
-    print(pd.DataFrame(rows)[["what", "grad_checkpointing", "attention", "sec", "tflops", "mfu", "peak_gib", "oom"]].to_string(index=False))
+    print(pd.DataFrame(rows)[["what", "grad_checkpointing", "attention", "compile", "sec", "tflops", "mfu", "peak_gib", "oom"]].to_string(index=False))
     for att, r in by_attention.items():
         print(f"speed-up ({att} attention): theoretical {r['theoretical_speedup']:.1f}x, measured "
               f"{r['measured_speedup']:.1f}x, ratio {r['ratio']:.2f}  [{dev}]")

@@ -26,7 +26,7 @@ from .models import FlgError, check_attention, set_attention, to_device, velocit
 from .pretrain import export_model, sample_sigmas
 from .runs import (setup_torch, append_jsonl, ema_update, finished, read_json, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
-from .surgery import blocks, check_indices, checkpoint_share, set_checkpointing, skipping
+from .surgery import blocks, check_indices, checkpoint_share, compile_blocks, set_checkpointing, skipping
 
 
 def stage2_loss(v_drop: torch.Tensor, v_full: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
@@ -104,6 +104,7 @@ class Stage2Config:
     offload: bool = False            # zero=true: optimiser states and parameters offloaded to CPU memory
     grad_checkpointing: bool | float = False  # recompute activations in backward: true = every block, 0.5 = every other
     attention: str = "native"        # diffusers attention backend; "_native_cudnn" is faster on H100 (models.set_attention)
+    compile: bool = False            # torch.compile each block in place (surgery.compile_blocks): a GPU speed lever
 
 
 def candidate_blocks(cfg: Stage2Config, model) -> list[int]:
@@ -133,6 +134,8 @@ def run_stage2(cfg: Stage2Config) -> dict:
     draw_drop([], cfg.p, cfg.drop_mode, torch.Generator())  # validates drop_mode before any work
     checkpoint_share(cfg.grad_checkpointing)
     check_attention(cfg.attention)
+    if cfg.zero and cfg.compile:
+        raise FlgError("compile=true is not supported with zero=true (ZeRO-3 gathers each block's weights in hooks)")
     if cfg.zero and cfg.ema_decay > 0:
         raise FlgError("ema_decay > 0 is not supported with zero=true (the weights are partitioned)")
     dev = zero.init(cfg.device) if cfg.zero else cfg.device
@@ -151,6 +154,8 @@ def run_stage2(cfg: Stage2Config) -> dict:
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     model = model.train() if cfg.zero else model.to(dtype).train()  # DeepSpeed casts to bf16 itself
     set_checkpointing(model, cfg.grad_checkpointing)
+    if cfg.compile:
+        compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)

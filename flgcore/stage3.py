@@ -33,8 +33,8 @@ from .models import FlgError, cat_conds, check_attention, set_attention, to_devi
 from .pretrain import export_model, pretrain_loss
 from .runs import (setup_torch, append_jsonl, finished, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
-from .surgery import (blocks, check_indices, checkpoint_share, complement, prune, retention_of, set_checkpointing,
-                      skipping)
+from .surgery import (blocks, check_indices, checkpoint_share, compile_blocks, complement, prune, retention_of,
+                      set_checkpointing, skipping)
 
 # ----------------------------------------------------------------------------- the math
 
@@ -246,6 +246,7 @@ class Stage3Config:
     precision: str = "fp32"          # zero=true: fp32 or bf16 (the engines hold bf16 weights, fp32 master copies)
     grad_checkpointing: bool | float = False  # student and fake DiT: true = every block, 0.5 = every other
     attention: str = "native"        # diffusers attention backend for all three roles (models.set_attention)
+    compile: bool = False            # torch.compile each block of every role in place (surgery.compile_blocks)
 
 
 def resolve_drop(cfg: Stage3Config, model, meta: dict) -> list[int]:
@@ -274,6 +275,8 @@ def check_config(cfg: Stage3Config) -> None:
         raise FlgError(f"fake must be 'lora' or 'full', got {cfg.fake!r}")
     checkpoint_share(cfg.grad_checkpointing)
     check_attention(cfg.attention)
+    if cfg.zero and cfg.compile:
+        raise FlgError("compile=true is not supported with zero=true (ZeRO-3 gathers each block's weights in hooks)")
     if cfg.fake_updates < 1:
         raise FlgError(f"fake_updates must be >= 1, got {cfg.fake_updates}")
     if not 0 < cfg.min_sigma < cfg.max_sigma <= 1:
@@ -315,6 +318,9 @@ def run_stage3(cfg: Stage3Config) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
     set_checkpointing(student, cfg.grad_checkpointing); set_checkpointing(critics.fake_model, cfg.grad_checkpointing)
+    if cfg.compile:  # after prune, the fake copy and the adapter: copies come out uncompiled
+        for m in {id(m): m for m in (student, shared, critics.fake_model)}.values():
+            compile_blocks(m)
     if cfg.zero:
         ds = zero.ds_config(cfg.batch_size, cfg.grad_clip, cfg.precision == "bf16", cfg.offload)
         engines = {"student": zero.engine(student, opt, sched, ds),

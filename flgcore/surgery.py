@@ -196,6 +196,23 @@ def set_checkpointing(model, share: float | bool) -> list[int]:
     return checkpoint_blocks(model, [int((i + 0.5) * n / k) for i in range(k)])
 
 
+def compile_blocks(model, on: bool = True, **kwargs) -> int:
+    """Regional compilation: `torch.compile` each block in place (`nn.Module.compile`, as diffusers'
+    `compile_repeated_blocks` does, but over every block group this package knows). Blocks of one class
+    share one compiled graph (parameters are graph inputs), so a model costs one compile per block class
+    and grad mode, the skip views of Stage II need no recompilation, and state-dict keys do not change.
+    Fusing each block's norms, modulation and RoPE is the usual lever for training MFU on a GPU (#7).
+    A copy (`prune`, `copy.deepcopy`) comes out uncompiled: nn.Module drops the compiled call when copied.
+    `kwargs` go to `torch.compile`; `on=False` undoes it. Returns the number of blocks compiled."""
+    bs = blocks(model)
+    for b in bs:
+        if on:
+            b.module.compile(**kwargs)
+        else:
+            b.module._compiled_call_impl = None
+    return len(bs) if on else 0
+
+
 def checkpoint_blocks(model, indices: Iterable[int]) -> list[int]:
     """Gradient checkpointing on exactly the blocks in `indices` (none: off). Returns them sorted."""
     marked = set(check_indices(model, indices, "checkpointed block index"))

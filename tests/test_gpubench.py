@@ -15,6 +15,7 @@ def test_gpu_bench_runs_its_code_path_on_the_cpu(tmp_path):
     assert m["theoretical_speedup"] == (3 * 2 * 10) / (4 * 7) and m["kept_blocks"] == 7
     assert main(["bench", "--gpu", "preset=nope", "device=cpu", f"out={out}"]) == 2
     assert main(["bench", "--gpu", "preset=tiny", "device=cpu", "attention=[native, nope]", f"out={out}"]) == 2
+    assert main(["bench", "--gpu", "preset=tiny", "device=cpu", "compile=[fast]", f"out={out}"]) == 2
 
 
 def test_gpu_bench_measures_each_attention_backend(tmp_path):
@@ -27,6 +28,21 @@ def test_gpu_bench_measures_each_attention_backend(tmp_path):
         ("stage2 step", "native"), ("stage2 step", "_native_math"), ("teacher sampling", "native"),
         ("student sampling", "native"), ("teacher sampling", "_native_math"), ("student sampling", "_native_math")]
     assert set(m["by_attention"]) == {"native", "_native_math"} and m["ratio"] == m["by_attention"]["native"]["ratio"]
+
+
+def test_gpu_bench_measures_compiled_blocks(tmp_path, monkeypatch):
+    """compile=[false, true]: a row each, the compiled one timed with every block compiled, the same FLOPs."""
+    import flgcore.gpubench
+    from flgcore.surgery import compile_blocks
+    compiled = []
+    monkeypatch.setattr(flgcore.gpubench, "compile_blocks", lambda m, on=True: compiled.append(compile_blocks(m, on)))
+    out = tmp_path / "gb"
+    assert main(["bench", "--gpu", "preset=tiny", "device=cpu", "frames=5", "height=32", "width=32", "text_len=4",
+                 "repeats=1", "warmup=1", "checkpointing=[0.5]", "what=[stage2]", "compile=[false, true]",
+                 f"out={out}"]) == 0
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert [r["compile"] for r in rows] == [False, True] and rows[0]["tflops"] == rows[1]["tflops"]
+    assert compiled == [0, 0, 10, 0]  # off, off / on (the 10 blocks), off again
 
 
 def test_a_setting_out_of_gpu_memory_is_a_row_not_a_crash():

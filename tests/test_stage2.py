@@ -103,6 +103,19 @@ def test_attention_backend_changes_the_kernel_not_the_training(tiny_bundle_dir, 
     assert logs[0] == pytest.approx(logs[1], rel=1e-4)
 
 
+def test_compiled_blocks_train_as_the_eager_ones(tiny_bundle_dir, tmp_path, monkeypatch):
+    """compile=true compiles every block of the model (inductor on the CPU here) and logs the eager losses."""
+    import flgcore.stage2
+    from flgcore.surgery import compile_blocks
+    compiled = []
+    monkeypatch.setattr(flgcore.stage2, "compile_blocks", lambda m: compiled.append(compile_blocks(m)))
+    run_stage2(_cfg(tiny_bundle_dir, tmp_path / "eager", steps=3))
+    run_stage2(_cfg(tiny_bundle_dir, tmp_path / "compiled", steps=3, compile=True))
+    assert compiled == [4]
+    logs = [[json.loads(l)["loss"] for l in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("eager", "compiled")]
+    assert logs[0] == pytest.approx(logs[1], rel=1e-3)
+
+
 def test_non_finite_loss_stops_with_the_step(tiny_bundle_dir, tmp_path):
     with pytest.raises(FlgError, match=r"non-finite loss .* at step \d+"):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path, lr=1e20, grad_clip=1e30, steps=6, ckpt_every=1))
@@ -122,6 +135,8 @@ def test_keep_set_that_does_not_match_the_model(tiny_bundle_dir, tmp_path):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", grad_checkpointing=2.0))
     with pytest.raises(FlgError, match="attention must be a diffusers attention backend, got 'fastest'"):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", attention="fastest"))
+    with pytest.raises(FlgError, match="compile=true is not supported with zero=true"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path / "r", zero=True, compile=True))
     assert not (tmp_path / "r").exists()
 
 

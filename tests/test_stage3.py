@@ -168,6 +168,23 @@ def test_gradient_checkpointing_changes_no_number(tiny_stage2_dir, tmp_path, sha
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_blocks_train_as_the_eager_ones(tiny_stage2_dir, tmp_path, monkeypatch):
+    """compile=true compiles the student's blocks and the shared weights' (real DiT and LoRA fake DiT), after
+    the student was cut from them, and trains to the eager numbers."""
+    import flgcore.stage3
+    from flgcore.surgery import compile_blocks
+    compiled = []
+    monkeypatch.setattr(flgcore.stage3, "compile_blocks", lambda m: compiled.append(compile_blocks(m)))
+    run_stage3(_cfg(tiny_stage2_dir, tmp_path / "eager", steps=2, fake_updates=1))
+    run_stage3(_cfg(tiny_stage2_dir, tmp_path / "compiled", steps=2, fake_updates=1, compile=True))
+    assert compiled == [2, 4]  # the 2-block student, the 4-block shared model
+    rows = [[json.loads(l) for l in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("eager", "compiled")]
+    assert rows[0][-1]["fake_loss"] == pytest.approx(rows[1][-1]["fake_loss"], rel=1e-3)
+    a, b = (load_transformer(tmp_path / r / "student" / "transformer") for r in ("eager", "compiled"))
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
+
+
 def test_kill_minus_9_and_resume_gives_identical_weights(tiny_stage2_dir, tmp_path):
     run_stage3(_cfg(tiny_stage2_dir, tmp_path / "straight"))
     cmd = [sys.executable, "-m", "flgcore.cli", "stage3", f"model={tiny_stage2_dir}", f"out={tmp_path / 'killed'}",
@@ -201,6 +218,8 @@ def test_clear_errors(tiny_stage2_dir, tiny_bundle_dir, tmp_path):
         run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", attention="fastest"))
     with pytest.raises(FlgError, match="attention=flash: .*flash-attn"):  # a kernel this machine does not have
         run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", attention="flash"))
+    with pytest.raises(FlgError, match="compile=true is not supported with zero=true"):
+        run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", zero=True, compile=True))
     assert not (tmp_path / "r").exists()
 
 

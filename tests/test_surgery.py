@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from flgcore.models import FlgError, load_transformer, probe_inputs, velocity
-from flgcore.surgery import (block_table, blocks, checkpointed, complement, prune, retention_of, select_keep,
-                             set_checkpointing, skipping)
+from flgcore.surgery import (block_table, blocks, checkpointed, compile_blocks, complement, prune, retention_of,
+                             select_keep, set_checkpointing, skipping)
 
 
 def _v(model, inputs):
@@ -95,6 +95,27 @@ def test_partial_checkpointing_recomputes_only_the_marked_blocks(tiny):
     with pytest.raises(FlgError, match="grad_checkpointing"):
         set_checkpointing(tiny, 1.5)
     set_checkpointing(tiny, 0)
+
+
+def test_compiled_blocks_keep_outputs_and_keys_and_prune_to_their_own_weights(tiny):
+    """Regional compilation changes neither the outputs, the skip view nor the state-dict keys; a pruned copy
+    of a compiled model runs (and trains) its own weights, not the original's."""
+    inputs, drop = probe_inputs(tiny), _drop_for(tiny)
+    v0 = _v(tiny, inputs)
+    with skipping(tiny, drop):
+        v_skip = _v(tiny, inputs)
+    keys = list(tiny.state_dict())
+    assert compile_blocks(tiny, backend="eager") == len(blocks(tiny))  # dynamo without inductor: fast on the CPU
+    torch.testing.assert_close(_v(tiny, inputs), v0)
+    with skipping(tiny, drop):
+        torch.testing.assert_close(_v(tiny, inputs), v_skip)
+    assert list(tiny.state_dict()) == keys
+    small = prune(tiny, complement(tiny, drop))
+    velocity(small, *inputs).square().mean().backward()
+    assert all(p.grad is not None for b in blocks(small) for p in b.module.parameters() if p.requires_grad)
+    assert all(p.grad is None for b in blocks(tiny) for p in b.module.parameters())
+    compile_blocks(tiny, on=False)
+    assert all(b.module._compiled_call_impl is None for b in blocks(tiny))
 
 
 def test_block_table_adds_up(tiny):
