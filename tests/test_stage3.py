@@ -54,8 +54,8 @@ def test_dmd_gradient_and_surrogate_loss_identity():
     dmd_loss(x, grad).backward()
     torch.testing.assert_close(x.grad, grad / x.numel())  # d/dx 0.5 mean (x - sg(x - g))^2 = g / numel
     # the loss value is half the mean square of the gradient, and zero when fake and real agree
-    assert float(dmd_loss(x, grad)) == pytest.approx(0.5 * float(grad.pow(2).mean()), rel=1e-5)
-    assert float(dmd_loss(x, dmd_grad(x.detach(), x0_real, x0_real))) == 0.0
+    assert dmd_loss(x, grad).item() == pytest.approx(0.5 * float(grad.pow(2).mean()), rel=1e-5)
+    assert dmd_loss(x, dmd_grad(x.detach(), x0_real, x0_real)).item() == 0.0
 
 
 def test_student_sigmas_are_the_saved_diffusers_schedulers(tmp_path):
