@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import load_config
 from .models import BUILTIN, FAMILIES, FlgError, check_attention
+from .surgery import check_compile
 
 STAGES = {"cache": ("cache", "CacheConfig"), "stage1": ("importance", "Stage1Config"),
           "stage2": ("stage2", "Stage2Config"), "stage3": ("stage3", "Stage3Config")}
@@ -125,8 +126,10 @@ def check_stage(stage: str, config: str | None, overrides: list[str], processes:
             problems.append(f"batch_size={cfg.batch_size} (global) is not divisible by {processes} processes")
         if processes > 1 and not cfg.zero:
             problems.append(f"{processes} processes but zero=false: every process would train its own copy")
-        if cfg.zero and cfg.compile:
-            problems.append("compile=true is not supported with zero=true (ZeRO-3 gathers each block's weights in hooks)")
+        try:
+            check_compile(cfg.compile, cfg.zero)
+        except FlgError as e:
+            problems.append(str(e))
         if cfg.zero:
             import importlib.util
             if importlib.util.find_spec("deepspeed") is None:

@@ -26,7 +26,8 @@ from .models import FlgError, check_attention, set_attention, to_device, velocit
 from .pretrain import export_model, sample_sigmas
 from .runs import (setup_torch, append_jsonl, ema_update, finished, read_json, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
-from .surgery import blocks, check_indices, checkpoint_share, compile_blocks, set_checkpointing, skipping
+from .surgery import (blocks, check_compile, check_indices, checkpoint_share, compile_blocks, set_checkpointing,
+                      skipping)
 
 
 def stage2_loss(v_drop: torch.Tensor, v_full: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
@@ -134,8 +135,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
     draw_drop([], cfg.p, cfg.drop_mode, torch.Generator())  # validates drop_mode before any work
     checkpoint_share(cfg.grad_checkpointing)
     check_attention(cfg.attention)
-    if cfg.zero and cfg.compile:
-        raise FlgError("compile=true is not supported with zero=true (ZeRO-3 gathers each block's weights in hooks)")
+    check_compile(cfg.compile, cfg.zero)
     if cfg.zero and cfg.ema_decay > 0:
         raise FlgError("ema_decay > 0 is not supported with zero=true (the weights are partitioned)")
     dev = zero.init(cfg.device) if cfg.zero else cfg.device

@@ -33,8 +33,8 @@ from .models import FlgError, cat_conds, check_attention, set_attention, to_devi
 from .pretrain import export_model, pretrain_loss
 from .runs import (setup_torch, append_jsonl, finished, resume_train_state, save_train_state,
                    warmup_cosine, write_json)
-from .surgery import (blocks, check_indices, checkpoint_share, compile_blocks, complement, prune, retention_of,
-                      set_checkpointing, skipping)
+from .surgery import (blocks, check_compile, check_indices, checkpoint_share, compile_blocks, complement, prune,
+                      retention_of, set_checkpointing, skipping)
 
 # ----------------------------------------------------------------------------- the math
 
@@ -275,8 +275,7 @@ def check_config(cfg: Stage3Config) -> None:
         raise FlgError(f"fake must be 'lora' or 'full', got {cfg.fake!r}")
     checkpoint_share(cfg.grad_checkpointing)
     check_attention(cfg.attention)
-    if cfg.zero and cfg.compile:
-        raise FlgError("compile=true is not supported with zero=true (ZeRO-3 gathers each block's weights in hooks)")
+    check_compile(cfg.compile, cfg.zero)
     if cfg.fake_updates < 1:
         raise FlgError(f"fake_updates must be >= 1, got {cfg.fake_updates}")
     if not 0 < cfg.min_sigma < cfg.max_sigma <= 1:

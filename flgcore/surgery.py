@@ -199,8 +199,8 @@ def set_checkpointing(model, share: float | bool) -> list[int]:
 def compile_blocks(model, on: bool = True, **kwargs) -> int:
     """Regional compilation: `torch.compile` each block in place (`nn.Module.compile`, as diffusers'
     `compile_repeated_blocks` does, but over every block group this package knows). Blocks of one class
-    share one compiled graph (parameters are graph inputs), so a model costs one compile per block class
-    and grad mode, the skip views of Stage II need no recompilation, and state-dict keys do not change.
+    share their compiled graphs (parameters are graph inputs), so a model costs a few compiles (one per grad
+    mode for Wan), the skip views of Stage II need no recompilation, and state-dict keys do not change.
     Fusing each block's norms, modulation and RoPE is the usual lever for training MFU on a GPU (#7).
     A copy (`prune`, `copy.deepcopy`) comes out uncompiled: nn.Module drops the compiled call when copied.
     `kwargs` go to `torch.compile`; `on=False` undoes it. Returns the number of blocks compiled."""
@@ -211,6 +211,12 @@ def compile_blocks(model, on: bool = True, **kwargs) -> int:
         else:
             b.module._compiled_call_impl = None
     return len(bs) if on else 0
+
+
+def check_compile(compile: bool, zero: bool) -> None:
+    """Regional compilation is untested under DeepSpeed, which gathers each block's weights in module hooks."""
+    if compile and zero:
+        raise FlgError("compile=true is not supported with zero=true (ZeRO-3 gathers each block's weights in hooks)")
 
 
 def checkpoint_blocks(model, indices: Iterable[int]) -> list[int]:
