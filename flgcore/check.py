@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import load_config
 from .models import BUILTIN, FAMILIES, FlgError, check_attention
+from .runs import check_precision
 from .surgery import check_compile
 
 STAGES = {"cache": ("cache", "CacheConfig"), "stage1": ("importance", "Stage1Config"),
@@ -118,18 +119,16 @@ def check_stage(stage: str, config: str | None, overrides: list[str], processes:
             problems.append(f"model={cfg.model}: no saved drop set (give a Stage-II model, drop=[...] or retention=1.0)")
         problems += _check_indices("drop", drop, n)
     if stage in ("stage2", "stage3"):
-        try:
-            check_attention(cfg.attention)
-        except FlgError as e:
-            problems.append(str(e))
+        for check, args in ((check_attention, [cfg.attention]), (check_precision, [cfg.precision]),
+                            (check_compile, [cfg.compile, cfg.zero])):
+            try:
+                check(*args)
+            except FlgError as e:
+                problems.append(str(e))
         if cfg.batch_size % processes:
             problems.append(f"batch_size={cfg.batch_size} (global) is not divisible by {processes} processes")
         if processes > 1 and not cfg.zero:
             problems.append(f"{processes} processes but zero=false: every process would train its own copy")
-        try:
-            check_compile(cfg.compile, cfg.zero)
-        except FlgError as e:
-            problems.append(str(e))
         if cfg.zero:
             import importlib.util
             if importlib.util.find_spec("deepspeed") is None:

@@ -4,9 +4,10 @@ No weights are needed: the architecture is built from its published config (`PRE
 weights, which costs exactly what the trained model costs. Measured, per setting (with and without
 gradient checkpointing on a share of the blocks): median step time over `repeats` (after `warmup`), peak GPU memory, and model
 FLOP utilisation = FLOPs counted by `torch.utils.flop_counter` for one step / step time / `peak_tflops`
-(989 dense bf16 TFLOP/s for an H100 SXM). Training runs as a single-GPU mixed-precision trainer would:
-fp32 master weights and AdamW states, bf16 autocast. Inference: bf16 weights, the teacher's 50 Euler
-steps with CFG on all blocks against the student's 4 steps without CFG on the kept blocks.
+(989 dense bf16 TFLOP/s for an H100 SXM). Training runs as Stages II-III do on one GPU with
+`precision: bf16`: fp32 master weights and AdamW states, bf16 autocast (`runs.autocast`). Inference: bf16
+weights, the teacher's 50 Euler steps with CFG on all blocks against the student's 4 steps without CFG on
+the kept blocks.
 `blocks` builds only that many blocks (e.g. 2 of the 14B configuration: its per-block cost at the same
 token count); the table says so. Nothing here runs in CI except the `tiny` preset on the CPU.
 """
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from . import flow
 from .config import save_config
 from .models import Cond, FlgError, check_attention, set_attention, velocity
-from .runs import setup_torch, write_json
+from .runs import autocast, setup_torch, write_json
 from .surgery import (blocks, checkpoint_blocks, checkpoint_share, checkpointed, compile_blocks, complement, prune,
                       set_checkpointing, skipping)
 
@@ -138,17 +139,13 @@ def measure(fn, flops: float, cfg: GpuBenchConfig, label: str) -> dict:
     return dict(sec=sec, tflops=flops / 1e12, mfu=flops / sec / (cfg.peak_tflops * 1e12), peak_gib=peak, oom=False)
 
 
-def _autocast(cfg):
-    return torch.autocast("cuda" if cfg.device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-
-
 def stage2_step_fn(cfg, model, drop, x, s, cond):
     """One Stage-II step at alpha = 1 with the whole candidate set dropped (the heavier half of its draws):
     full view without grad, drop view with grad, AdamW on fp32 master weights."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cfg.device.startswith("cuda"))
 
     def step():
-        with _autocast(cfg):
+        with autocast("bf16", cfg.device):
             with torch.no_grad():
                 v_full = velocity(model, x, s, cond)
             with skipping(model, drop):
@@ -170,7 +167,7 @@ def stage3_step_fn(cfg, shared, student, critics, x, s, cond):
     null = Cond(text=torch.zeros_like(cond.text))
 
     def step():
-        with _autocast(cfg):
+        with autocast("bf16", cfg.device):
             out = flow.x0_from_velocity(x, torch.ones_like(s), velocity(student, x, torch.ones_like(s), cond))
             x_t = flow.add_noise(out.detach(), torch.randn_like(out), s)
             with torch.no_grad():
@@ -178,7 +175,7 @@ def stage3_step_fn(cfg, shared, student, critics, x, s, cond):
                 x0_fake = flow.x0_from_velocity(x_t, s, critics.fake_velocity(x_t, s, cond))
             loss = dmd_loss(out, dmd_grad(out.detach(), x0_real, x0_fake))
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        with _autocast(cfg), critics.fake_view() as fake:  # backward inside: recomputation needs the adapter on
+        with autocast("bf16", cfg.device), critics.fake_view() as fake:  # backward inside: recomputation needs the adapter on
             fake_loss = pretrain_loss(fake, out.detach(), torch.randn_like(out), s, cond)
             fake_opt.zero_grad(set_to_none=True); fake_loss.backward()
         fake_opt.step()

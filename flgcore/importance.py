@@ -27,7 +27,7 @@ from . import flow, synth
 from .config import save_config
 from .data import LatentCache
 from .models import FlgError, family_of, to_device, velocity
-from .runs import setup_torch, write_json
+from .runs import check_precision, setup_torch, write_json
 from .surgery import blocks, check_retention, retention_of, select_keep, skipping
 
 
@@ -263,8 +263,7 @@ def run_stage1(cfg: Stage1Config) -> dict:
     if not cfg.sigmas or not all(0 < s <= 1 for s in cfg.sigmas):
         raise FlgError(f"sigmas must be a non-empty list in (0, 1], got {cfg.sigmas}")
     out = Path(cfg.out)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise FlgError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    check_precision(cfg.precision)
     bundle = load_bundle(cfg.model, device=cfg.device)
     model = bundle.model.to(torch.bfloat16) if cfg.precision == "bf16" else bundle.model
     save_config(cfg, out)

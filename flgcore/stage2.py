@@ -3,8 +3,9 @@
 One weight set is trained so that its drop view (the Stage-I candidate blocks skipped) matches its
 full view. Each step draws which candidates to skip from a Bernoulli(p); `drop_mode` says whether
 the draw is per block or one draw for the whole set (the paper does not say). The loop keeps to
-plain PyTorch (no autocast tricks, no hooks) so that with `zero=true` a DeepSpeed ZeRO-3 engine stands
-in for the model and optimiser (`zero.py`), under torchrun or the deepspeed launcher.
+plain PyTorch (bf16 is a plain autocast over fp32 master weights, no hooks) so that with `zero=true` a
+DeepSpeed ZeRO-3 engine stands in for the model and optimiser (`zero.py`), under torchrun or the
+deepspeed launcher.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from .data import training_source
 from .config import save_config
 from .models import FlgError, check_attention, set_attention, to_device, velocity
 from .pretrain import export_model, sample_sigmas
-from .runs import (setup_torch, append_jsonl, ema_update, finished, read_json, resume_train_state, save_train_state,
-                   warmup_cosine, write_json)
+from .runs import (autocast, check_precision, setup_torch, append_jsonl, ema_update, finished, read_json,
+                   resume_train_state, save_train_state, warmup_cosine, write_json)
 from .surgery import (blocks, check_compile, check_indices, checkpoint_share, compile_blocks, set_checkpointing,
                       skipping)
 
@@ -92,7 +93,7 @@ class Stage2Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0           # 0: no EMA
-    precision: str = "fp32"          # fp32 or bf16 (weights and activations cast; the loss is in fp32)
+    precision: str = "fp32"          # fp32 or bf16: autocast over fp32 master weights (runs.autocast); loss in fp32
     cond_dropout: float = 0.1
     shift: float | None = None       # training sigma shift; None: the model's saved shift
     min_sigma: float = 0.05          # x0-predicting models only: the loss's 1/s is capped here (see loss_weight)
@@ -130,8 +131,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
         raise FlgError(f"alpha must be in [0, 1], got {cfg.alpha}")
     if not 0 < cfg.p <= 1:
         raise FlgError(f"p must be in (0, 1], got {cfg.p}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise FlgError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    check_precision(cfg.precision)
     draw_drop([], cfg.p, cfg.drop_mode, torch.Generator())  # validates drop_mode before any work
     checkpoint_share(cfg.grad_checkpointing)
     check_attention(cfg.attention)
@@ -151,8 +151,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
     if main:
         save_config(cfg, out)
     shift = cfg.shift if cfg.shift is not None else bundle.meta.get("shift", 1.0)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model = model.train() if cfg.zero else model.to(dtype).train()  # DeepSpeed casts to bf16 itself
+    model = model.float().train()  # fp32 master weights: bf16 runs under autocast (or DeepSpeed's bf16)
     set_checkpointing(model, cfg.grad_checkpointing)
     if cfg.compile:
         compile_blocks(model)
@@ -181,12 +180,13 @@ def run_stage2(cfg: Stage2Config) -> dict:
             x0, cond, eps, s = zero.shard(x0, cond, eps, s)
         x0, cond, eps, s = to_device(dev, x0, cond, eps, s)
         if cfg.zero and cfg.precision == "bf16":
-            cond = cond.map(lambda t: t.to(dtype))
+            cond = cond.map(lambda t: t.to(torch.bfloat16))
         x_s = flow.add_noise(x0, eps, s)
-        with torch.set_grad_enabled(cfg.alpha < 1):  # alpha = 1: sg(v_full) needs no graph at all
-            v_full = velocity(model, x_s, s, cond)
-        with skipping(model, drop):
-            v_drop = velocity(model, x_s, s, cond)
+        with autocast(cfg.precision, dev, cfg.zero):
+            with torch.set_grad_enabled(cfg.alpha < 1):  # alpha = 1: sg(v_full) needs no graph at all
+                v_full = velocity(model, x_s, s, cond)
+            with skipping(model, drop):
+                v_drop = velocity(model, x_s, s, cond)
         loss, parts = stage2_loss(v_drop, v_full, x0, eps, cfg.alpha, loss_weight(model, s, cfg.min_sigma))
         if not (zero.all_finite(loss) if cfg.zero else torch.isfinite(loss)):
             raise FlgError(f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is kept in "
@@ -230,7 +230,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
             return {}
         final = zero.unwrap_state(state, model)
     elif ema is not None:
-        final.load_state_dict({k: v.to(dtype) for k, v in ema.items()})
+        final.load_state_dict(ema)
     final = final.float().eval()
     meta = dict(bundle.meta, kind="stage2", drop=cands, keep=[b.index for b in blocks(model) if b.index not in cands],
                 alpha=cfg.alpha, drop_mode=cfg.drop_mode, trained_steps=step)

@@ -16,6 +16,7 @@ Three networks, DMD2-style:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -31,8 +32,8 @@ from .config import save_config
 from .data import condition_source
 from .models import FlgError, cat_conds, check_attention, set_attention, to_device, velocity
 from .pretrain import export_model, pretrain_loss
-from .runs import (setup_torch, append_jsonl, finished, resume_train_state, save_train_state,
-                   warmup_cosine, write_json)
+from .runs import (autocast, check_precision, setup_torch, append_jsonl, finished, resume_train_state,
+                   save_train_state, warmup_cosine, write_json)
 from .surgery import (blocks, check_compile, check_indices, checkpoint_share, compile_blocks, complement, prune,
                       retention_of, set_checkpointing, skipping)
 
@@ -243,7 +244,7 @@ class Stage3Config:
     device: str = "cpu"              # "cuda": train on a GPU (data and noise are still drawn on the CPU)
     zero: bool = False               # DeepSpeed ZeRO-3: engines for the student and the fake DiT (batch_size is global)
     offload: bool = False            # zero=true: optimiser states and parameters offloaded to CPU memory
-    precision: str = "fp32"          # zero=true: fp32 or bf16 (the engines hold bf16 weights, fp32 master copies)
+    precision: str = "fp32"          # fp32 or bf16: autocast over fp32 master weights (zero=true: DeepSpeed's bf16)
     grad_checkpointing: bool | float = False  # student and fake DiT: true = every block, 0.5 = every other
     attention: str = "native"        # diffusers attention backend for all three roles (models.set_attention)
     compile: bool = False            # torch.compile each block of every role in place (surgery.compile_blocks)
@@ -276,6 +277,7 @@ def check_config(cfg: Stage3Config) -> None:
     checkpoint_share(cfg.grad_checkpointing)
     check_attention(cfg.attention)
     check_compile(cfg.compile, cfg.zero)
+    check_precision(cfg.precision)
     if cfg.fake_updates < 1:
         raise FlgError(f"fake_updates must be >= 1, got {cfg.fake_updates}")
     if not 0 < cfg.min_sigma < cfg.max_sigma <= 1:
@@ -340,6 +342,7 @@ def run_stage3(cfg: Stage3Config) -> dict:
         return shard(torch.randn((cfg.batch_size, *shape[1:]), generator=gen))
     kill_at = int(os.environ.get("FLG_TEST_KILL_AT_STEP", "0"))  # tests: SIGKILL ourselves mid-run
     v_student = lambda x, s, c: velocity(student, x, s, c)
+    amp = functools.partial(autocast, cfg.precision, dev, cfg.zero)  # every forward below; backward outside
     draw = condition_source(cfg.data, enc)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="stage3", dynamic_ncols=True, disable=not main)
@@ -349,19 +352,19 @@ def run_stage3(cfg: Stage3Config) -> dict:
         x_ref, cond, null = draw(np_rng, cfg.batch_size)
         cond, null, noise = to_device(dev, *shard(cond, null), randn(x_ref.shape))
         k = int(torch.randint(len(sigmas), (1,), generator=gen))
-        x_k = backward_simulate(lambda x, s: v_student(x, s, cond), noise, sigmas, k, randn)
         s_k = torch.full((noise.shape[0],), sigmas[k], device=dev)
         student_turn = step % cfg.fake_updates == 0
         row = dict(k=k)
 
-        with torch.set_grad_enabled(student_turn):
+        with amp(), torch.set_grad_enabled(student_turn):
+            x_k = backward_simulate(lambda x, s: v_student(x, s, cond), noise, sigmas, k, randn)
             x = flow.x0_from_velocity(x_k, s_k, v_student(x_k, s_k, cond))
         if student_turn:  # DMD: move the student's samples along x0_fake - x0_real (Eq. 8)
             b1, b2 = draw_betas(cfg.beta1, cfg.beta2, cfg.beta1_range, cfg.beta2_range, gen)
             s = flow.shift_sigma(cfg.min_sigma + (cfg.max_sigma - cfg.min_sigma) * shard(torch.rand(cfg.batch_size, generator=gen)),
                                  shift).float().to(dev)
             x_t = flow.add_noise(x.detach(), randn(x.shape).to(dev), s)
-            with torch.no_grad():
+            with amp(), torch.no_grad():
                 x0_real = flow.x0_from_velocity(x_t, s, critics.real_velocity(x_t, s, cond, null, b1, b2))
                 x0_fake = flow.x0_from_velocity(x_t, s, critics.fake_velocity(x_t, s, cond))
             grad = dmd_grad(x.detach(), x0_real, x0_fake)
@@ -387,7 +390,8 @@ def run_stage3(cfg: Stage3Config) -> dict:
         eps = randn(x.shape).to(dev)
         # backward inside the view: gradient checkpointing re-runs blocks, and must see the adapter switched on
         with critics.fake_view() as fake:
-            fake_loss = pretrain_loss(fake, x, eps, s_f, cond)
+            with amp():
+                fake_loss = pretrain_loss(fake, x, eps, s_f, cond)
             if not (zero.all_finite(fake_loss) if cfg.zero else torch.isfinite(fake_loss)):
                 raise FlgError(f"non-finite fake-DiT loss {fake_loss.item()} at step {step}; the last good checkpoint "
                                f"is kept in {out}/checkpoints")

@@ -34,6 +34,8 @@ def test_validator_accepts_a_good_setup_and_names_each_problem(tmp_path):
     assert problems == ["batch_size=4 (global) is not divisible by 3 processes"]
     _, problems = check_stage("stage2", None, [*base, "compile=true"], processes=2)
     assert problems == ["compile=true is not supported with zero=true (ZeRO-3 gathers each block's weights in hooks)"]
+    _, problems = check_stage("stage2", None, [*base, "precision=fp16"], processes=2)
+    assert problems == ["precision must be fp32 or bf16, got 'fp16'"]
     _, problems = check_stage("stage3", None, [*base[:2], "batch_size=4", "attention=cudnn"], processes=1)
     assert any(p.startswith("attention must be a diffusers attention backend, got 'cudnn'") for p in problems)
     (tmp_path / "sel.json").write_text(json.dumps(dict(kept=[0], dropped=[7])))

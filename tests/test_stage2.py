@@ -116,6 +116,25 @@ def test_compiled_blocks_train_as_the_eager_ones(tiny_bundle_dir, tmp_path, monk
     assert logs[0] == pytest.approx(logs[1], rel=1e-3)
 
 
+def test_bf16_moves_the_weights_as_fp32_does_at_the_papers_lr(tiny_bundle_dir, tmp_path):
+    """precision=bf16 is autocast over fp32 master weights. Pure bf16 weights would lose the updates: at
+    lr 1e-5 an Adam step is under half a bf16 ulp of any weight above 2^-8 and rounds away."""
+    init = load_transformer(tiny_bundle_dir / "transformer").state_dict()
+    delta = {}
+    for precision in ("fp32", "bf16"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path / precision, lr=1e-5, precision=precision))
+        trained = load_transformer(tmp_path / precision / "model" / "transformer").state_dict()
+        delta[precision] = torch.cat([(trained[k] - init[k]).flatten() for k in init if k.startswith("blocks.")])
+    moved = delta["fp32"] != 0  # the kept blocks' weights (the dropped ones get no gradient at alpha 1, p 1)
+    assert moved.sum() > 1000 and (delta["bf16"][moved] != 0).float().mean() > 0.9
+    cos = torch.nn.functional.cosine_similarity(delta["fp32"], delta["bf16"], dim=0)
+    assert cos > 0.9, f"bf16 updates point elsewhere than fp32's (cosine {cos:.3f})"
+    ratio = delta["bf16"].norm() / delta["fp32"].norm()
+    assert 0.8 < ratio < 1.25, f"bf16 moved the weights {ratio:.2f}x as far as fp32"
+    losses = [[json.loads(l)["loss"] for l in (tmp_path / p / "log.jsonl").read_text().splitlines()] for p in ("fp32", "bf16")]
+    assert losses[0] != losses[1] and losses[0] == pytest.approx(losses[1], rel=0.05)  # bf16 matmuls did run
+
+
 def test_non_finite_loss_stops_with_the_step(tiny_bundle_dir, tmp_path):
     with pytest.raises(FlgError, match=r"non-finite loss .* at step \d+"):
         run_stage2(_cfg(tiny_bundle_dir, tmp_path, lr=1e20, grad_clip=1e30, steps=6, ckpt_every=1))

@@ -185,6 +185,24 @@ def test_compiled_blocks_train_as_the_eager_ones(tiny_stage2_dir, tmp_path, monk
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
 
 
+def test_bf16_trains_fp32_master_weights(tiny_stage2_dir, tmp_path):
+    """precision=bf16 without ZeRO: every forward under bf16 autocast, the student's fp32 weights move as
+    under fp32 (as bf16 weights they would not: the paper's lr 5e-7 is far under half a bf16 ulp)."""
+    init = load_transformer(tiny_stage2_dir / "transformer").state_dict()
+    delta, rows = {}, {}
+    for precision in ("fp32", "bf16"):
+        m = run_stage3(_cfg(tiny_stage2_dir, tmp_path / precision, steps=2, fake_updates=1, lr=1e-5, precision=precision))
+        student = load_transformer(tmp_path / precision / "student" / "transformer").state_dict()
+        delta[precision] = torch.cat([(student[f"blocks.{i}.{k[len(f'blocks.{b}.'):]}"] - init[k]).flatten()
+                                      for i, b in enumerate(m["keep"]) for k in init if k.startswith(f"blocks.{b}.")])
+        rows[precision] = [json.loads(l) for l in (tmp_path / precision / "log.jsonl").read_text().splitlines()]
+    assert (delta["fp32"] != 0).float().mean() > 0.9 and (delta["bf16"] != 0).float().mean() > 0.9
+    cos = torch.nn.functional.cosine_similarity(delta["fp32"], delta["bf16"], dim=0)
+    assert cos > 0.9, f"bf16 updates point elsewhere than fp32's (cosine {cos:.3f})"
+    a, b = rows["fp32"][-1]["fake_loss"], rows["bf16"][-1]["fake_loss"]
+    assert a != b and a == pytest.approx(b, rel=0.05)  # bf16 matmuls did run, to nearly the fp32 numbers
+
+
 def test_kill_minus_9_and_resume_gives_identical_weights(tiny_stage2_dir, tmp_path):
     run_stage3(_cfg(tiny_stage2_dir, tmp_path / "straight"))
     cmd = [sys.executable, "-m", "flgcore.cli", "stage3", f"model={tiny_stage2_dir}", f"out={tmp_path / 'killed'}",
@@ -220,6 +238,8 @@ def test_clear_errors(tiny_stage2_dir, tiny_bundle_dir, tmp_path):
         run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", attention="flash"))
     with pytest.raises(FlgError, match="compile=true is not supported with zero=true"):
         run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", zero=True, compile=True))
+    with pytest.raises(FlgError, match="precision must be fp32 or bf16, got 'fp16'"):
+        run_stage3(_cfg(tiny_stage2_dir, tmp_path / "r", precision="fp16"))
     assert not (tmp_path / "r").exists()
 
 
