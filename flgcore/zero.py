@@ -159,13 +159,19 @@ def resume(out: Path, engines: dict, gens: dict[str, torch.Generator], np_rng) -
 
 def gathered_state_dict(module: torch.nn.Module, only: str | None = None) -> dict | None:
     """Full fp32 weights of a ZeRO-3-partitioned module on rank 0 (None elsewhere). `only`: keep the keys
-    containing this string (e.g. "lora_" for an adapter)."""
+    containing this string (e.g. "lora_" for an adapter).
+
+    A trained parameter comes from the optimiser's fp32 master copy: under bf16 the module holds a copy
+    rounded to bf16, which would lose most of a Stage-III run (lr 5e-7 x 1000 steps moves a weight by a
+    few bf16 ulps at most). Collective: every rank calls it."""
     import deepspeed
-    params = [p for n, p in module.named_parameters() if only is None or only in n]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    from deepspeed.utils import safe_get_full_fp32_param
+    params = [(n, p) for n, p in module.named_parameters() if only is None or only in n]
+    masters = {n: safe_get_full_fp32_param(p) for n, p in params if getattr(p, "_z3_optimizer", None) is not None}
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
         sd = None
         if is_main():
-            sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
+            sd = {k: masters.get(k, v).detach().float().cpu().clone() for k, v in module.state_dict().items()
                   if only is None or only in k}
     if sd is not None:
         empty = [k for k, v in sd.items() if v.numel() == 0]
