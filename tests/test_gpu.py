@@ -16,15 +16,16 @@ def test_eval_on_the_gpu_matches_the_cpu(tiny_bundle_dir, tmp_path):
     assert got["cuda"]["average"] == pytest.approx(got["cpu"]["average"], abs=0.02)
 
 
-def test_stage2_and_stage3_train_on_the_gpu(tiny_bundle_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stage2_and_stage3_train_on_the_gpu(tiny_bundle_dir, tmp_path, precision):
     from flgcore.sampling import load_bundle
     from flgcore.stage2 import Stage2Config, run_stage2
     from flgcore.stage3 import Stage3Config, run_stage3
     run_stage2(Stage2Config(model=str(tiny_bundle_dir), out=str(tmp_path / "s2"), drop=[1, 2], steps=3, batch_size=2,
-                            warmup=1, device="cuda"))
+                            warmup=1, device="cuda", precision=precision))
     m2 = json.loads((tmp_path / "s2" / "metrics.json").read_text())
     assert m2["steps"] == 3 and m2["final_loss"] == m2["final_loss"]  # finite
     run_stage3(Stage3Config(model=str(tmp_path / "s2" / "model"), out=str(tmp_path / "s3"), steps=4, batch_size=2,
-                            warmup=1, device="cuda"))
+                            warmup=1, device="cuda", precision=precision))
     student = load_bundle(str(tmp_path / "s3" / "student")).model
     assert len(student.blocks) == 2  # the drop view's blocks only, loadable on the CPU
