@@ -44,7 +44,9 @@ class CacheConfig:
     width: int = 832
     shard_size: int = 32
     max_sequence_length: int = 0    # text tokens; 0: the family pipeline's default (Wan 512, HunyuanVideo 256)
-    dtype: str = "float32"    # encoders' dtype ("bfloat16" on a GPU); the cache is written in float32
+    dtype: str = "float32"    # text/image encoders' dtype ("bfloat16" on a GPU); the cache is written in float32
+    vae_dtype: str = "float32"  # the VAE's: float32 as diffusers loads Wan's (the latents are the training targets)
+    vae_tiling: bool = False  # tiled VAE encoding: HunyuanVideo at 720p needs it (slight blending at tile seams)
     device: str = "cpu"
 
 
@@ -117,7 +119,7 @@ class WanEncoder:
 
     @torch.no_grad()
     def _vae(self, video: torch.Tensor) -> torch.Tensor:
-        z = self.pipe.vae.encode(video.to(self.device, self.dtype)).latent_dist.mode().float().cpu()
+        z = self.pipe.vae.encode(video.to(self.device, self.pipe.vae.dtype)).latent_dist.mode().float().cpu()
         return (z - self.mean) / self.std
 
     @torch.no_grad()
@@ -167,7 +169,7 @@ class HunyuanEncoder(WanEncoder):
 
     @torch.no_grad()
     def _vae(self, video: torch.Tensor) -> torch.Tensor:
-        return self.pipe.vae.encode(video.to(self.device, self.dtype)).latent_dist.mode().float().cpu() * self.scale
+        return self.pipe.vae.encode(video.to(self.device, self.pipe.vae.dtype)).latent_dist.mode().float().cpu() * self.scale
 
     @torch.no_grad()
     def _text(self, caption: str, image=None) -> dict[str, torch.Tensor]:
@@ -207,12 +209,15 @@ def open_encoder(cfg: CacheConfig) -> WanEncoder:
     if name == "HunyuanVideoImageToVideoPipeline" and tcfg.get("image_condition_type") not in ("latent_concat", "token_replace"):
         raise FlgError(f"{root}: HunyuanVideo-I2V image_condition_type {tcfg.get('image_condition_type')!r} is not "
                        f"supported (supported: latent_concat, token_replace)")
-    dtype = getattr(torch, cfg.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise FlgError(f"dtype={cfg.dtype!r} is not a torch dtype")
+    dtype, vae_dtype = (getattr(torch, d, None) for d in (cfg.dtype, cfg.vae_dtype))
+    for key, value, got in (("dtype", cfg.dtype, dtype), ("vae_dtype", cfg.vae_dtype, vae_dtype)):
+        if not isinstance(got, torch.dtype):
+            raise FlgError(f"{key}={value!r} is not a torch dtype")
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype,
+    pipe = DiffusionPipeline.from_pretrained(root, transformer=None, torch_dtype={"vae": vae_dtype, "default": dtype},
                                              **({"transformer_2": None} if name.startswith("Wan") else {})).to(cfg.device)
+    if cfg.vae_tiling:
+        pipe.vae.enable_tiling()
     if name.startswith("Hunyuan"):
         return HunyuanEncoder(pipe, dtype, cfg.device, name == "HunyuanVideoImageToVideoPipeline", cfg.max_sequence_length,
                               4 if tcfg.get("image_condition_type") == "token_replace" else 2)

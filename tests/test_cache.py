@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flgcore import synth
-from flgcore.cache import CacheConfig, read_clip, run_cache, write_tiny_pipeline
+from flgcore.cache import CacheConfig, open_encoder, read_clip, run_cache, write_tiny_pipeline
 from flgcore.data import LatentCache
 from flgcore.models import FlgError
 
@@ -98,6 +98,25 @@ def test_stage3_trains_from_the_cache(world, tmp_path):
     if not (root / "out").exists():
         run_cache(_cfg(root, pipe_dir))
     _train_from_cache(pipe_dir, root / "out", tmp_path)
+
+
+def test_the_vae_stays_fp32_when_the_encoders_run_in_bf16(world, tmp_path):
+    """dtype=bfloat16 reaches the text encoder; the VAE keeps vae_dtype=float32 (as diffusers loads Wan's), so
+    the latents, Stages I-III's targets, are the fp32 VAE's."""
+    root, pipe_dir = world
+    caches = {}
+    for dtype in ("float32", "bfloat16"):
+        run_cache(_cfg(root, pipe_dir, out=str(tmp_path / dtype), dtype=dtype))
+        caches[dtype] = LatentCache(tmp_path / dtype).items([0, 4])
+    (x32, c32), (x16, c16) = caches["float32"], caches["bfloat16"]
+    torch.testing.assert_close(x16, x32)
+    torch.testing.assert_close(c16.image, c32.image)
+    assert not torch.equal(c16.text, c32.text)  # the text encoder did run in bf16
+    torch.testing.assert_close(c16.text, c32.text, rtol=0.05, atol=0.05)
+    assert open_encoder(_cfg(root, pipe_dir, vae_tiling=True)).pipe.vae.use_tiling
+    assert not open_encoder(_cfg(root, pipe_dir)).pipe.vae.use_tiling
+    with pytest.raises(FlgError, match="vae_dtype='float17' is not a torch dtype"):
+        run_cache(_cfg(root, pipe_dir, out=str(tmp_path / "bad"), vae_dtype="float17"))
 
 
 def test_cache_refuses_bad_input_by_name(world, tmp_path):
