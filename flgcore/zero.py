@@ -167,8 +167,15 @@ def gathered_state_dict(module: torch.nn.Module, only: str | None = None) -> dic
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
     params = [(n, p) for n, p in module.named_parameters() if only is None or only in n]
-    masters = {n: safe_get_full_fp32_param(p) for n, p in params if getattr(p, "_z3_optimizer", None) is not None}
-    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+    trained = {n for n, p in params if getattr(p, "_z3_optimizer", None) is not None}
+    masters = {}
+    for n, p in params:  # one at a time, straight to rank 0's CPU: a 14B model's fp32 copy never sits on a GPU
+        if n in trained:
+            full = safe_get_full_fp32_param(p)
+            if is_main():
+                masters[n] = full.cpu()
+            del full
+    with deepspeed.zero.GatheredParameters([p for n, p in params if n not in trained], modifier_rank=None):
         sd = None
         if is_main():
             sd = {k: masters.get(k, v).detach().float().cpu().clone() for k, v in module.state_dict().items()
