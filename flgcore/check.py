@@ -33,6 +33,12 @@ def _transformer_config(model: str) -> tuple[dict | None, dict, list[str]]:
             if tcfg.get("image_condition_type") not in (None, "latent_concat", "token_replace"):
                 return tcfg, meta, [f"model={model}: HunyuanVideo image_condition_type {tcfg['image_condition_type']!r} "
                                     f"is not supported (latent_concat, token_replace are)"]
+            if not meta:  # a plain diffusers checkpoint: its scheduler gives the sigma shift (flgcore.json's otherwise)
+                from .sampling import scheduler_shift
+                try:
+                    scheduler_shift(cand.parent)
+                except FlgError as e:
+                    return tcfg, meta, [f"model={model}: {e}"]
             return tcfg, meta, []
     return None, {}, [f"model={model}: no transformer config.json there (a diffusers pipeline or transformer directory?)"]
 

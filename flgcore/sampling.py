@@ -38,9 +38,36 @@ def model_root(name: str | Path) -> Path:
     raise FlgError(f"{name}: not a flgcore model directory (no flgcore.json beside transformer/ and text_encoder/)")
 
 
+def scheduler_shift(pipeline_dir: str | Path) -> float:
+    """The sigma shift of a diffusers pipeline's flow-matching scheduler (1.0 when there is no scheduler/).
+
+    The key depends on the class: FlowMatch* schedulers (HunyuanVideo: 7) call it `shift`; the UniPC and
+    DPM-Solver schedulers that Wan's pipelines ship (`use_flow_sigmas`) call it `flow_shift` (Wan 2.1 480p: 3,
+    Wan 2.2 TI2V: 5). Reading only `shift` gave 1.0 for every Wan checkpoint, so Stages II-III trained and
+    sampled on the unshifted grid. A resolution-dependent (dynamic) shift or a non-flow scheduler is refused.
+    """
+    path = Path(pipeline_dir) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return 1.0
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FlgError(f"{path} is not valid JSON: {e}") from None
+    name = cfg.get("_class_name", "?")
+    if cfg.get("use_dynamic_shifting"):
+        raise FlgError(f"{path}: {name} uses a resolution-dependent shift (use_dynamic_shifting), which flgcore does "
+                       f"not model (no Wan or HunyuanVideo pipeline uses it)")
+    if cfg.get("shift") is not None:
+        return float(cfg["shift"])
+    if cfg.get("use_flow_sigmas") and cfg.get("flow_shift") is not None:
+        return float(cfg["flow_shift"])
+    raise FlgError(f"{path}: {name} is not a flow-matching scheduler (no `shift`, nor `flow_shift` with "
+                   f"use_flow_sigmas); Wan and HunyuanVideo pipelines ship one")
+
+
 def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
     """A flgcore model directory, or a plain diffusers transformer/pipeline directory (no text encoder;
-    v-prediction; the shift of its pipeline's scheduler if there is one)."""
+    v-prediction; the shift of its pipeline's scheduler if there is one: `scheduler_shift`)."""
     try:
         root = model_root(name)
     except FlgError:
@@ -51,9 +78,8 @@ def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
             raise FlgError(f"{name}: not a flgcore model directory (transformer/, text_encoder/, flgcore.json) nor a "
                            f"diffusers transformer or pipeline directory") from None
         model = load_transformer(tdir, device=device)
-        sched = tdir.parent / "scheduler" / "scheduler_config.json"
-        shift = json.loads(sched.read_text()).get("shift", 1.0) if sched.is_file() else 1.0
-        meta = dict(family=family_of(model).name, kind="diffusers", prediction="velocity", shift=shift)
+        meta = dict(family=family_of(model).name, kind="diffusers", prediction="velocity",
+                    shift=scheduler_shift(tdir.parent))
         return Bundle(model, None, meta, tdir)
     meta = json.loads((root / "flgcore.json").read_text())
     model = load_transformer(root / "transformer", device=device)

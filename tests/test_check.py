@@ -1,8 +1,10 @@
 """`flg check`: the committed real-model configs parse, and the validator names what is wrong."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from diffusers import DDIMScheduler
 
 from flgcore.check import check_stage
 from flgcore.cli import main
@@ -40,6 +42,10 @@ def test_validator_accepts_a_good_setup_and_names_each_problem(tmp_path):
     assert any(p.startswith("attention must be a diffusers attention backend, got 'cudnn'") for p in problems)
     (tmp_path / "sel.json").write_text(json.dumps(dict(kept=[0], dropped=[7])))
     assert "out of range" in check_stage("stage2", None, base, processes=2)[1][0]
+    DDIMScheduler().save_pretrained(tmp_path / "ckpt" / "scheduler")  # not a flow-matching model's scheduler
+    assert any("DDIMScheduler is not a flow-matching scheduler" in p
+               for p in check_stage("stage2", None, base, processes=2)[1])
+    shutil.rmtree(tmp_path / "ckpt" / "scheduler")
 
     t2v = tiny_model("wan-t2v")  # a cache made for another model: channels agree, conditioning does not
     write_probe_cache(t2v, tmp_path / "cache_t2v")
