@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import flow, synth, zero
 from .config import save_config
 from .data import condition_source
-from .models import FlgError, cat_conds, check_attention, set_attention, to_device, velocity
+from .models import FlgError, cat_conds, check_attention, family_of, set_attention, to_device, velocity
 from .pretrain import export_model, pretrain_loss
 from .runs import (autocast, check_precision, setup_torch, append_jsonl, finished, resume_train_state,
                    save_train_state, warmup_cosine, write_json)
@@ -111,7 +111,18 @@ def backward_simulate(v_student, noise: torch.Tensor, sigmas: list[float], k: in
 
 # ----------------------------------------------------------------------------- the three networks
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]  # attention and FFN linears of a block
+def lora_targets(model) -> list[str]:
+    """The fake DiT's LoRA sites: every linear layer inside the DiT blocks (self- and cross-attention, FFN;
+    Wan I2V's image-key projections; HunyuanVideo's text-stream attention and its single blocks' fused MLP),
+    and nothing else: not the adaLN modulation linears (`norm*.linear`), nor the embedders, HunyuanVideo's
+    token refiner or the output head. Full names, because suffixes such as `net.2` or `proj_out` also name
+    layers outside the blocks (Wan I2V's image embedder, the output head)."""
+    names = []
+    for _, attr, _ in family_of(model).groups:
+        for i, blk in enumerate(getattr(model, attr)):
+            names += [f"{attr}.{i}.{n}" for n, m in blk.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not n.startswith("norm")]
+    return names
 
 
 class Critics:
@@ -130,7 +141,7 @@ class Critics:
         if fake == "lora":
             from peft import LoraConfig
             shared.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
-                                          target_modules=LORA_TARGETS), adapter_name="fake")
+                                          target_modules=lora_targets(shared)), adapter_name="fake")
             self.fake_model = shared
             self._adapter(False)  # B = 0 at init anyway: the fake DiT starts as its view exactly
         elif fake == "full":

@@ -9,7 +9,7 @@ import torch
 
 from flgcore import flow, synth
 from flgcore.bench import BenchConfig, run_bench
-from flgcore.models import FlgError, load_transformer, velocity
+from flgcore.models import FlgError, load_transformer, tiny_model, velocity
 from flgcore.pretrain import pretrain_loss
 from flgcore.runs import latest_checkpoint, load_checkpoint
 from flgcore.sampling import SampleSpec, load_bundle, sample_batch
@@ -75,6 +75,21 @@ def _batch(bundle, n=2, seed=0):
     cond = synth.make_cond(bundle.encoder, x0, [s.caption for s in specs])
     g = torch.Generator().manual_seed(seed)
     return x0, cond, synth.null_cond(bundle.encoder, cond), torch.randn(x0.shape, generator=g), torch.rand(n, generator=g) * 0.8 + 0.1
+
+
+@pytest.mark.parametrize("kind,overrides", [("hunyuan", {}), ("wan-i2v", dict(image_dim=8, added_kv_proj_dim=24))],
+                         ids=["hunyuan", "wan-i2v-clip"])
+def test_the_lora_fake_dit_adapts_the_block_linears_and_nothing_else(kind, overrides):
+    model = tiny_model(kind, **overrides)
+    Critics(model, drop=[], fake="lora", teacher="pruned", lora_rank=2)
+    adapted = {n.split(".lora_A.")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    in_blocks = ("blocks.", "transformer_blocks.", "single_transformer_blocks.")
+    assert adapted and all(n.startswith(in_blocks) and ".norm" not in n for n in adapted), sorted(adapted)
+    if kind == "hunyuan":  # the text stream's attention and the single blocks' fused MLP, as well as the rest
+        assert {"transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.to_add_out",
+                "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out"} <= adapted
+    else:  # Wan 2.1 I2V's keys and values of the CLIP image tokens
+        assert {"blocks.0.attn2.add_k_proj", "blocks.0.attn2.add_v_proj", "blocks.0.ffn.net.2"} <= adapted
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
