@@ -7,7 +7,8 @@ weights staged (`local=True`, `VBENCH_CACHE_DIR`). So `export_for_vbench` writes
 (VBench's naming: the prompt, a dash, the sample index) and `vbench_full_info.json` (prompt_en,
 dimension, video_list per prompt), and `run_vbench` calls VBench if it can be imported, else says so in
 one line. `temporal_flickering` is VBench's own definition, computed here; `dynamic_degree_farneback` is
-a PROXY of VBench's RAFT-based dynamic degree (OpenCV Farneback flow, same thresholds), not a VBench number.
+a PROXY of VBench's RAFT-based dynamic degree (OpenCV Farneback flow, VBench's frame sampling and thresholds),
+not a VBench number.
 """
 from __future__ import annotations
 
@@ -40,21 +41,24 @@ def temporal_flickering(frames: np.ndarray) -> float:
     return float((255.0 - np.abs(f[1:] - f[:-1]).mean(axis=(1, 2, 3)).mean()) / 255.0)
 
 
-def dynamic_degree_farneback(frames: np.ndarray) -> bool:
-    """PROXY of VBench's dynamic degree (which uses RAFT flow): per frame pair the mean of the top 5 % flow
-    magnitudes; the video is dynamic when at least round(4 * N / 16) of its N pairs exceed
-    6 * min(H, W) / 256. Same thresholds as VBench, Farneback flow instead of RAFT."""
+def dynamic_degree_farneback(frames: np.ndarray, fps: float = 16.0) -> bool:
+    """PROXY of VBench's dynamic degree (which uses RAFT flow), with VBench's frame sampling and thresholds:
+    keep every round(fps / 8)-th frame (about 8 per second; Wan's 16-fps videos: every other one); per pair
+    of kept frames take the mean of the top 5 % flow magnitudes; the video is dynamic when at least
+    round(4 * K / 16) of the pairs, K the number of kept frames, exceed max(1, 8 / fps) * 6 * min(H, W) / 256.
+    Farneback flow instead of RAFT: the only difference."""
     import cv2
+    frames = frames[::max(1, round(fps / 8))]
     h, w = frames.shape[1:3]
-    thresh = 6.0 * min(h, w) / 256.0
+    thresh = max(1.0, 8.0 / fps) * 6.0 * min(h, w) / 256.0
+    need = round(4 * len(frames) / 16)
     gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
     moving = 0
     for a, b in zip(gray[:-1], gray[1:]):
         flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
         mag = np.sqrt((flow ** 2).sum(-1)).ravel()
-        top = np.sort(mag)[-max(1, int(0.05 * mag.size)):]
-        moving += top.mean() > thresh
-    return moving >= round(4 * (len(frames) - 1) / 16)
+        moving += np.sort(mag)[-max(1, int(0.05 * mag.size)):].mean() > thresh  # max(1, .): frames under 20 px
+    return len(gray) > 1 and moving >= need
 
 
 def export_for_vbench(clips: list, prompts: list[str], out: str | Path, fps: int = 16,
@@ -87,9 +91,10 @@ def own_scores(folder: str | Path) -> dict:
     flick, dyn = [], []
     for path in sorted(Path(folder, "videos").glob("*.mp4")):
         with imageio.get_reader(path, "ffmpeg") as reader:  # list(reader) asks len(), which is inf for ffmpeg
+            fps = float(reader.get_meta_data().get("fps", 16.0))
             frames = np.stack([f for f in reader])
         flick.append(temporal_flickering(frames))
-        dyn.append(dynamic_degree_farneback(frames))
+        dyn.append(dynamic_degree_farneback(frames, fps))
     if not flick:
         raise FlgError(f"{folder}/videos: no mp4 files")
     return dict(temporal_flickering=float(np.mean(flick)), dynamic_degree_farneback_proxy=float(np.mean(dyn)), n=len(flick))

@@ -26,6 +26,26 @@ def test_farneback_proxy_tells_motion_from_a_frozen_clip():
     assert dynamic_degree_farneback(moving) and not dynamic_degree_farneback(frozen)
 
 
+def _panning(shifts) -> np.ndarray:
+    """A smooth random texture seen through a 64x64 window that moves by `shifts[t]` px before frame t + 1."""
+    from scipy import ndimage
+    tex = ndimage.gaussian_filter(np.random.default_rng(0).random((64, 160, 3)), sigma=(2, 2, 0))
+    tex = ((tex - tex.min()) / (tex.max() - tex.min()) * 255).astype(np.uint8)
+    offsets = np.concatenate([[0], np.cumsum(shifts)]).astype(int)
+    return np.stack([tex[:, o:o + 64] for o in offsets])
+
+
+def test_farneback_proxy_uses_vbenchs_frame_sampling_and_thresholds():
+    # 64x64: a pair of kept frames moves when its top-5 % flow exceeds 6 * 64 / 256 = 1.5 px (at >= 8 fps)
+    slow = _panning([1] * 32)  # 33 frames, 1 px per frame
+    assert dynamic_degree_farneback(slow, fps=16)     # every other frame kept: 2 px per pair
+    assert not dynamic_degree_farneback(slow, fps=8)  # every frame kept: 1 px per pair
+    assert not dynamic_degree_farneback(_panning([2] * 32), fps=4)  # under 8 fps the threshold grows: 3 px
+    # 33 frames at 8 fps: dynamic when round(4 * 33 / 16) = 8 pairs move
+    assert dynamic_degree_farneback(_panning([2] * 8 + [0] * 24), fps=8)
+    assert not dynamic_degree_farneback(_panning([2] * 7 + [0] * 25), fps=8)
+
+
 def test_export_layout_info_file_and_own_scores(tmp_path, capsys):
     clips = [synth.render(synth.clip_spec(s)) for s in (2000000000, 2000000001, 2000000002)]
     out = export_for_vbench(clips, ["a red square moves left", "a red square moves left", "a blue circle moves up"], tmp_path)
