@@ -81,8 +81,13 @@ def build_teacher(arch: TeacherArch, seed: int = 0):
 
 
 def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """Training sigmas: uniform, pushed through the same shift the sampler uses."""
-    return flow.shift_sigma(torch.rand(n, generator=generator), shift).float()
+    """Training sigmas: uniform, pushed through the same shift the sampler uses.
+
+    Never 0: torch.rand draws an exact 0 once in 2^24, and at s = 0 an x0-predicting model's velocity and a
+    Wan 2.2 TI2V frame 0 (`models.velocity`) divide by zero; the NaN would stop the run, and its resume, which
+    replays the same random stream, at the same step. Raising 0 to 2^-24, the smallest positive value
+    torch.rand draws, changes nothing else."""
+    return flow.shift_sigma(torch.rand(n, generator=generator).clamp_min(2 ** -24), shift).float()
 
 
 class TrainBatches(torch.utils.data.Dataset):

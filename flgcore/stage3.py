@@ -31,7 +31,7 @@ from . import flow, synth, zero
 from .config import save_config
 from .data import condition_source
 from .models import FlgError, cat_conds, check_attention, family_of, set_attention, to_device, velocity
-from .pretrain import export_model, pretrain_loss
+from .pretrain import export_model, pretrain_loss, sample_sigmas
 from .runs import (autocast, check_precision, setup_torch, append_jsonl, finished, resume_train_state,
                    save_train_state, warmup_cosine, write_json)
 from .surgery import (blocks, check_compile, check_indices, checkpoint_share, compile_blocks, complement, prune,
@@ -397,7 +397,7 @@ def run_stage3(cfg: Stage3Config) -> dict:
 
         # fake DiT: flow matching on the student's (detached) outputs, the distribution it must track
         x = x.detach()
-        s_f = flow.shift_sigma(shard(torch.rand(cfg.batch_size, generator=gen)), shift).float().to(dev)
+        s_f = shard(sample_sigmas(cfg.batch_size, shift, gen)).to(dev)
         eps = randn(x.shape).to(dev)
         # backward inside the view: gradient checkpointing re-runs blocks, and must see the adapter switched on
         with critics.fake_view() as fake:

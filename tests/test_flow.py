@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flgcore import flow
-from flgcore.models import Cond, tiny_model, velocity, velocity_cfg
+from flgcore.models import Cond, probe_inputs, tiny_model, velocity, velocity_cfg
 
 M, A = 1.5, 0.5  # data x0 ~ N(M, A^2): the probability-flow ODE is affine and solvable exactly
 
@@ -93,3 +93,16 @@ def test_x0_predicting_model_is_converted_to_velocity():
         m.flg_prediction = "x0"        # the same network read as an x0 predictor
         v = velocity(m, x, s, cond)
     torch.testing.assert_close(flow.x0_from_velocity(x, s, v), raw, rtol=1e-5, atol=1e-5)
+
+
+def test_training_sigmas_are_never_zero(monkeypatch):
+    from flgcore.pretrain import sample_sigmas
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros_like(real_rand(*a, **k)))  # the 1-in-2^24 draw
+    s = sample_sigmas(4, 3.0, torch.Generator().manual_seed(0))
+    assert (s > 0).all() and (s < 1e-6).all()
+    model = tiny_model("wan-ti2v")  # frame 0 divides by s: (x - c) / s
+    x, _, cond = probe_inputs(model, batch=4)
+    cond.image = x.clone()
+    x_s = flow.add_noise(x, torch.randn_like(x), s)
+    assert torch.isfinite(velocity(model, x_s, s, cond)).all()
