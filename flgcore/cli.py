@@ -141,7 +141,7 @@ def cmd_bench(a):
 def cmd_notebooks(a):
     import yaml
     from .models import FlgError
-    from .notebooks import run_notebooks
+    from .notebooks import run_label, run_notebooks
     params = {}
     for kv in a.param or []:
         if "=" not in kv:
@@ -154,7 +154,8 @@ def cmd_notebooks(a):
         print(f"{name:<{width}}  {st}")
     failed = [n for n, st in status.items() if st.startswith("FAILED")]
     if failed:
-        raise FlgError(f"{len(failed)} notebook(s) failed: {', '.join(failed)} (executed copies under {a.out}/{a.profile}/)")
+        raise FlgError(f"{len(failed)} notebook(s) failed: {', '.join(failed)} (executed copies under "
+                       f"{a.out}/{run_label(a.profile, params.get('model'))}/)")
 
 
 def cmd_cache(a):
@@ -275,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a ZeRO run's process group: torn down before exit
+            from .zero import shutdown
+            shutdown()
     return 0
 
 
