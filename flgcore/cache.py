@@ -225,6 +225,29 @@ def open_encoder(cfg: CacheConfig) -> WanEncoder:
                       cfg.max_sequence_length, ti2v)
 
 
+def latent_decoder(pipeline: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """`decode(latents [B, C, F, H, W]) -> clips [B, 3, F', H', W'] in [-1, 1]` with a pipeline's VAE, undoing
+    the normalisation `flg cache` applied (Wan: latents_mean / latents_std; HunyuanVideo: scaling_factor)."""
+    import diffusers
+    vae_dir = Path(pipeline) / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise FlgError(f"{pipeline}: no vae/ (decoding latents into clips needs the diffusers pipeline directory)")
+    name = json.loads((vae_dir / "config.json").read_text()).get("_class_name", "")
+    vae = getattr(diffusers, name).from_pretrained(vae_dir, torch_dtype=dtype).to(device).eval()
+    cfg = vae.config
+
+    @torch.no_grad()
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        if getattr(cfg, "latents_mean", None) is not None:
+            shape = (1, -1, 1, 1, 1)
+            z = z * torch.tensor(cfg.latents_std).view(shape) + torch.tensor(cfg.latents_mean).view(shape)
+        else:
+            z = z / cfg.scaling_factor
+        return torch.cat([vae.decode(z[i:i + 1].to(device, dtype)).sample.float().clamp(-1, 1).cpu()
+                          for i in range(len(z))])  # one clip at a time: a VAE decode is the memory peak
+    return decode
+
+
 def _write_shard(path: Path, items: list[dict], names: list[str]) -> None:
     from safetensors.torch import save_file
     tensors = {k: torch.stack([it[k] for it in items]).contiguous() for k in items[0]}

@@ -72,9 +72,30 @@ def _done(executed: Path, params: dict, src: Path) -> bool:
             and _code(nb) == _code(json.loads(src.read_text())))
 
 
+# what a real checkpoint (no SynthMotion text encoder, so no SynthBench) can run: Stage I from a latent cache
+REAL_CHECKPOINT = ["01_block_importance"]
+
+
+def testbed_model(model: str) -> bool:
+    """synth-tiny or a flgcore model with a SynthMotion text encoder: one SynthBench can score."""
+    from .models import BUILTIN
+    p = BUILTIN.get(model, Path(model))
+    return (p / "flgcore.json").is_file() and (p / "text_encoder").is_dir()
+
+
+def run_label(profile: str, model: str | None) -> str:
+    """The folder under `out` a profile runs into: the profile's name for the shipped teacher, else with the
+    model's name appended, so that another model's runs never replace the teacher's (a run folder made with
+    other inputs is redone) and its figures stay in its run folders, out of the committed figures/."""
+    if not model or model == "synth-tiny":
+        return profile
+    import re
+    return f"{profile}-{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(model).name or 'model')}"
+
+
 def run_notebooks(profile: str = "quick", only: list[str] | None = None, params: dict | None = None,
                   out: str | Path = "runs/notebooks", force: bool = False) -> dict[str, str]:
-    """Execute the notebooks; returns {name: "ok" | "reused" | error line}."""
+    """Execute the notebooks; returns {name: "ok" | "reused" | "skipped: why" | error line}."""
     import papermill as pm
     if profile not in PROFILES:
         raise FlgError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
@@ -82,6 +103,13 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
     unknown = [n for n in names if n not in ORDER]
     if unknown:
         raise FlgError(f"unknown notebook(s) {unknown}; known: {ORDER}")
+    model = (params or {}).get("model")
+    real = model is not None and not testbed_model(str(model))
+    if real and only and (bad := [n for n in names if n not in REAL_CHECKPOINT]):
+        raise FlgError(f"{', '.join(bad)}: scored with SynthBench, which needs a testbed model (synth-tiny or a flgcore "
+                       f"model with a text encoder); on the checkpoint {model} only {', '.join(REAL_CHECKPOINT)} runs "
+                       f"(-p data=<latent cache>)")
+    label = run_label(profile, model)
     import torch
     params = dict(params or {})
     params.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # every stage and eval runs there
@@ -89,14 +117,18 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
     # compete for the same cores
     params.setdefault("jobs", 4 if params["device"].startswith("cuda") else 1)
     status: dict[str, str] = {}
-    for name in tqdm(names, desc=f"notebooks ({profile}, {params['device']})", dynamic_ncols=True):
+    for name in tqdm(names, desc=f"notebooks ({label}, {params['device']})", dynamic_ncols=True):
+        if real and name not in REAL_CHECKPOINT:
+            status[name] = "skipped: SynthBench scores need a testbed model, not a real checkpoint"
+            continue
         src = NOTEBOOK_DIR / f"{name}.ipynb"
-        run_dir = Path(out) / profile / name
+        run_dir = Path(out) / label / name
         defaults = parameters_of(src)
         p = dict(PROFILES[profile].get(name, {}), **params)
         p = {k: v for k, v in p.items() if k in defaults}  # -p applies to the notebooks that have the name
-        p.update(out=str(run_dir), figures="figures" if profile == "full" else str(run_dir / "figures"),
-                 runs_root=str(Path(out) / profile))
+        # only the shipped teacher's full profile regenerates the committed figures/
+        p.update(out=str(run_dir), figures="figures" if label == "full" else str(run_dir / "figures"),
+                 runs_root=str(Path(out) / label))
         executed = run_dir / f"{name}.ipynb"
         if not force and _done(executed, p, src):
             status[name] = "reused"

@@ -130,8 +130,20 @@ def sample_batch(bundle: Bundle, spec: SampleSpec, first_frames: torch.Tensor, c
     ref = torch.zeros(len(seeds), 3, F, *first_frames.shape[-2:])
     ref[:, :, 0] = first_frames
     cond = synth.make_cond(enc, ref, captions)
-    null = synth.null_cond(enc, cond)
-    noise = clip_noise(seeds, ref.shape[1:])
+    # frame 0 is generated too (as in Wan 2.1 I2V), so i2v_subject measures how well the model keeps the image
+    return _sample(model, spec, cond, synth.null_cond(enc, cond), clip_noise(seeds, ref.shape[1:]), seeds).clamp(-1, 1)
+
+
+def sample_cached(bundle: Bundle, spec: SampleSpec, data: str | Path, index: list[int], seeds: list[int]) -> torch.Tensor:
+    """Latents [B, C, F, H, W] sampled from the conditions of latent-cache items `index` (a real checkpoint:
+    the prompts and first frames `flg cache` encoded), one noise seed per clip; decode with `cache.latent_decoder`."""
+    from .data import LatentCache
+    cache = LatentCache(data)
+    x0, cond = cache.items(index)
+    return _sample(bundle.model, spec, cond, cache.null_like(cond), clip_noise(seeds, x0.shape[1:]), seeds)
+
+
+def _sample(model, spec: SampleSpec, cond, null, noise: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     cond, null, noise = to_device(next(model.parameters()).device, cond, null, noise)
     v = lambda x, s: velocity_cfg(model, x, s, cond, null, spec.cfg_scale)
     with torch.no_grad(), skipping(model, spec.drop):
@@ -139,8 +151,7 @@ def sample_batch(bundle: Bundle, spec: SampleSpec, first_frames: torch.Tensor, c
             x = flow.euler_sample(v, noise, flow.euler_sigmas(spec.steps, spec.shift))
         else:
             x = flow.fewstep_sample(v, noise, spec.sigmas, generator=torch.Generator().manual_seed(int(seeds[0]) + 104729))
-    # frame 0 is generated too (as in Wan 2.1 I2V), so i2v_subject measures how well the model keeps the image
-    return x.clamp(-1, 1).cpu()
+    return x.float().cpu()
 
 
 def sample_seeds(bundle: Bundle, spec: SampleSpec, seeds: list[int], batch_size: int = 32,

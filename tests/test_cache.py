@@ -238,3 +238,36 @@ def test_hunyuanvideo_token_replace_cache_and_sampling_match_the_pipeline(tmp_pa
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
     _train_from_cache(pipe_dir, tmp_path / "out", tmp_path)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_latent_decoder_undoes_the_cache_normalisation_as_the_pipeline_decodes(tmp_path, family):
+    from diffusers import DiffusionPipeline
+    from flgcore.cache import latent_decoder
+    pipe_dir = write_tiny_pipeline(tmp_path / "pipe", image_conditioned=False, family=family)
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
+    kw = dict(prompt="a red square moves left", height=32, width=32, num_frames=FRAMES, num_inference_steps=2,
+              **({"guidance_scale": 1.0} if family == "wan" else {}))
+    latents = pipe(**kw, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+    video = pipe(**kw, output_type="pt", generator=torch.Generator().manual_seed(0)).frames  # [B, F, 3, H, W] in [0, 1]
+    ours = latent_decoder(pipe_dir)(latents)  # [B, 3, F, H, W] in [-1, 1]
+    torch.testing.assert_close((ours.permute(0, 2, 1, 3, 4) + 1) / 2, video.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.notebooks
+def test_notebook_01_runs_on_a_real_checkpoint_from_its_latent_cache(world, tmp_path):
+    from flgcore.notebooks import run_label, run_notebooks
+    root, pipe_dir = world
+    if not (root / "out").exists():
+        run_cache(_cfg(root, pipe_dir))
+    params = dict(model=str(pipe_dir), data=str(root / "out"), n=2, batch_size=2, sigmas=[0.5], retentions=[0.7],
+                  skip=[1], clip_seeds=[0, 1], clip_steps=2, clip_cfg=2.0)
+    status = run_notebooks("quick", params=params, out=tmp_path)
+    assert status.pop("01_block_importance") == "ok"
+    assert all(s.startswith("skipped: SynthBench") for s in status.values()), status
+    run = tmp_path / "quick-pipe" / "01_block_importance"  # its own folder, never the shipped teacher's
+    assert run_label("full", str(pipe_dir)) == "full-pipe" and run_label("full", "synth-tiny") == "full"
+    assert (run / "figures" / "block_importance.png").is_file() and (run / "skip_explorer.png").is_file()
+    assert json.loads((run / "stage1" / "metrics.json").read_text())["blocks"] == 4
+    with pytest.raises(FlgError, match="only 01_block_importance runs"):
+        run_notebooks("quick", only=["02_stage2_ablations"], params=params, out=tmp_path)
