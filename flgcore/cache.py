@@ -328,9 +328,10 @@ def _word_tokenizer(words: set[str], special: list[str], bos: str | None = None)
 
 
 def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: int = 0, family: str = "wan",
-                        ti2v: bool = False, token_replace: bool = False) -> Path:
+                        ti2v: bool = False, token_replace: bool = False, clip: bool = False) -> Path:
     """Save a tiny random-init pipeline of the real classes, for tests and dry runs. Wan: AutoencoderKLWan, a
-    UMT5 encoder; HunyuanVideo: AutoencoderKLHunyuanVideo, a Llama (T2V) or LLaVA (I2V, seeing 576 image
+    UMT5 encoder (and with `clip`, Wan 2.1 I2V's CLIP image encoder, whose tokens the transformer's
+    cross-attention also reads); HunyuanVideo: AutoencoderKLHunyuanVideo, a Llama (T2V) or LLaVA (I2V, seeing 576 image
     tokens as the real one) encoder and a CLIP text encoder; word-level tokenizers built offline, the
     transformer from `models.TINY`, the flow-matching scheduler."""
     if family == "hunyuan":
@@ -346,10 +347,18 @@ def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: i
     vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.1, -0.1, 0.2, 0.0],
                            latents_std=[1.5, 0.8, 1.2, 1.0]).eval()
-    transformer = tiny_model("wan-ti2v" if ti2v else "wan-i2v" if image_conditioned else "wan-t2v", seed)
+    extra = dict(expand_timesteps=True) if ti2v else {}
+    if clip:  # 32 px in 8-px patches: 17 tokens of width 8
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+        extra.update(image_encoder=CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8)).eval(), image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    transformer = tiny_model("wan-ti2v" if ti2v else "wan-i2v" if image_conditioned else "wan-t2v", seed,
+                             **(dict(image_dim=8, added_kv_proj_dim=24) if clip else {}))
     cls = WanImageToVideoPipeline if image_conditioned or ti2v else WanPipeline
     pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-               scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **(dict(expand_timesteps=True) if ti2v else {}))
+               scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **extra)
     pipe.save_pretrained(out)
     return Path(out)
 

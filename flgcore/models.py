@@ -118,8 +118,9 @@ TINY = {
     "wan-t2v": ("WanTransformer3DModel", dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)),
+    # Wan 2.1 I2V's input: [latents, a first-frame mask of the VAE's temporal factor (4) channels, condition]
     "wan-i2v": ("WanTransformer3DModel", dict(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4 + 1 + 4,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4 + 4 + 4,
         out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32)),
     "hunyuan": ("HunyuanVideoTransformer3DModel", dict(

@@ -205,6 +205,37 @@ def test_wan22_ti2v_cache_and_sampling_match_the_pipeline(tmp_path):
     _train_from_cache(pipe_dir, tmp_path / "out", tmp_path)
 
 
+def test_wan21_i2v_cache_and_sampling_match_the_pipeline(tmp_path):
+    """Wan 2.1 I2V: the cache holds the pipeline's condition latents (VAE of [first frame, zeros]) and CLIP image
+    tokens, and our Euler sampler with CFG, which builds the 4-channel first-frame mask and concatenates
+    [latents, mask, condition] in `models.velocity`, lands on the pipeline's own latents."""
+    from diffusers import WanImageToVideoPipeline
+    from flgcore.cache import _first_frame_image
+    from flgcore.flow import euler_sample
+    from flgcore.models import load_transformer, velocity_cfg
+    _write_videos(tmp_path)
+    pipe_dir = write_tiny_pipeline(tmp_path / "pipe", clip=True)
+    assert run_cache(_cfg(tmp_path, pipe_dir))["clips"] == 5
+    cache = LatentCache(tmp_path / "out")
+    x0, cond = cache.items([0])
+    assert cond.image_embeds.shape == (1, 17, 8)
+
+    pipe = WanImageToVideoPipeline.from_pretrained(pipe_dir)
+    x = read_clip(str(tmp_path / "v0.mp4"), FRAMES, 1, 32, 32)
+    _, condition = pipe.prepare_latents(x[:, 0][None], 1, 4, 32, 32, FRAMES, torch.float32, "cpu")
+    torch.testing.assert_close(cond.image, condition[:, 4:])  # [mask (4 channels), condition latents]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    ref = pipe(image=_first_frame_image(x), prompt=synth.clip_spec(10).caption, negative_prompt="", height=32,
+               width=32, num_frames=FRAMES, num_inference_steps=3, guidance_scale=2.5, latents=noise.clone(),
+               max_sequence_length=8, output_type="latent").frames
+    model = load_transformer(pipe_dir)
+    pipe.scheduler.set_timesteps(3)
+    ours = euler_sample(lambda z, s: velocity_cfg(model, z, s, cond, cache.null_like(cond), 2.5), noise,
+                        pipe.scheduler.sigmas)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    _train_from_cache(pipe_dir, tmp_path / "out", tmp_path)
+
+
 def test_hunyuanvideo_token_replace_cache_and_sampling_match_the_pipeline(tmp_path):
     """HunyuanVideo-I2V `token_replace`: the cache holds the pipeline's prompt (every 4th LLaVA image token) and
     first-frame latent, and our Euler sampler through `models.velocity` lands on the pipeline's own latents."""
