@@ -21,7 +21,7 @@ from . import synth
 from .config import save_config
 from .models import FlgError
 from .runs import write_json
-from .sampling import SampleSpec, load_bundle, sample_batch
+from .sampling import SampleSpec, load_bundle, require_encoder, sample_batch
 from .surgery import blocks
 
 
@@ -61,7 +61,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.n < 1 or cfg.repeats < 1 or cfg.warmup < 0:
         raise FlgError(f"need n >= 1, repeats >= 1, warmup >= 0; got n={cfg.n}, repeats={cfg.repeats}, warmup={cfg.warmup}")
-    teacher, student = load_bundle(cfg.teacher, device=cfg.device), load_bundle(cfg.student, device=cfg.device)
+    teacher, student = (require_encoder(load_bundle(m, device=cfg.device), m) for m in (cfg.teacher, cfg.student))
     if student.meta.get("sampler") != "fewstep":
         raise FlgError(f"{cfg.student} is not a few-step student (its saved sampler is {student.meta.get('sampler')!r})")
     seeds = synth.heldout_seeds(cfg.n)

@@ -94,8 +94,8 @@ def cmd_sample(a):
     import numpy as np
     import torch
     from . import synth
-    from .sampling import SampleSpec, load_bundle, load_image, sample_batch, save_video
-    bundle = load_bundle(a.model)
+    from .sampling import SampleSpec, load_bundle, load_image, require_encoder, sample_batch, save_video
+    bundle = require_encoder(load_bundle(a.model), a.model)
     spec = SampleSpec(a.sampler, a.steps, a.cfg, None, None, _ints(a.drop) if a.drop else []).resolve(bundle.meta)
     out = Path(a.out)
     for seed in _ints(a.seed):

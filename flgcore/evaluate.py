@@ -17,7 +17,7 @@ from . import synth, synthbench
 from .config import save_config
 from .models import FlgError
 from .runs import setup_torch, write_json
-from .sampling import SampleSpec, load_bundle, sample_seeds, save_video
+from .sampling import SampleSpec, load_bundle, require_encoder, sample_seeds, save_video
 
 
 @dataclass
@@ -97,10 +97,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.clips:
         clips, specs = load_clip_folder(cfg.clips)
     else:
-        bundle = load_bundle(cfg.model, device=cfg.device)
-        if bundle.encoder is None:
-            raise FlgError(f"{cfg.model} is a plain diffusers checkpoint: SynthBench samples need a flgcore model "
-                           f"with its text encoder (synth-tiny or a stage output)")
+        bundle = require_encoder(load_bundle(cfg.model, device=cfg.device), cfg.model)
         if cfg.view not in ("full", "drop"):
             raise FlgError(f"view must be 'full' or 'drop', got {cfg.view!r}")
         if cfg.view == "drop" and "drop" not in bundle.meta:

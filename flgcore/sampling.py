@@ -88,6 +88,16 @@ def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
     return Bundle(model, synth.TextEncoder.load(enc) if enc.is_dir() else None, meta, root)
 
 
+def require_encoder(bundle: Bundle, name: str | Path) -> Bundle:
+    """Refuse a model without a SynthMotion text encoder (a real checkpoint, or a stage output of one) before
+    SynthMotion sampling, in one line."""
+    if bundle.encoder is None:
+        raise FlgError(f"{name} has no SynthMotion text encoder (a real checkpoint or a stage output of one): "
+                       f"SynthMotion samples and SynthBench need synth-tiny or a stage output of it; sample a real "
+                       f"checkpoint with its diffusers pipeline (README)")
+    return bundle
+
+
 @dataclass
 class SampleSpec:
     """How to sample: None fields fall back to the model's saved schedule."""

@@ -10,7 +10,7 @@ from flgcore import synth
 from flgcore.cli import main
 from flgcore.config import load_config
 from flgcore.evaluate import EvalConfig, run_eval
-from flgcore.models import FlgError
+from flgcore.models import FlgError, tiny_model
 from flgcore.pretrain import PretrainConfig, run_pretrain
 from flgcore.sampling import SampleSpec, load_bundle, sample_seeds
 
@@ -119,6 +119,13 @@ def test_sample_and_eval_commands(tiny_run, tmp_path, capsys):
 def test_bad_model_directory_is_one_line(tmp_path, capsys):
     assert main(["eval", f"model={tmp_path}", f"out={tmp_path / 'e'}"]) == 2
     assert "not a flgcore model directory" in capsys.readouterr().err
+    tiny_model("wan-t2v").save_pretrained(tmp_path / "ckpt" / "transformer")  # a real checkpoint: no text encoder
+    for argv in (["sample", "--model", str(tmp_path / "ckpt"), "--seed", "1", "--out", str(tmp_path / "s")],
+                 ["eval", f"model={tmp_path / 'ckpt'}", f"out={tmp_path / 'e'}"],
+                 ["bench", f"teacher={tmp_path / 'ckpt'}", f"student={tmp_path / 'ckpt'}", f"out={tmp_path / 'b'}"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("flg: error:") and "has no SynthMotion text encoder" in err and len(err.splitlines()) == 1
 
 
 def test_save_video_skips_only_the_mp4_without_imageio_ffmpeg(tmp_path, monkeypatch):
