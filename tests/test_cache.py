@@ -169,13 +169,26 @@ def test_hunyuanvideo_cache_matches_its_pipeline_and_trains(tmp_path, i2v):
     _train_from_cache(pipe_dir, tmp_path / "out", tmp_path)
 
 
+def _wan_latents_both_ways(pipe, pipe_dir, x, cond, cache, noise, cfg=2.5, steps=3):
+    """From the same noise: our latents (Euler + CFG through `models.velocity`, on the cached condition of clip x)
+    and the Wan pipeline's own, given x's first frame and caption."""
+    from flgcore.cache import _first_frame_image
+    from flgcore.flow import euler_sample
+    from flgcore.models import load_transformer, velocity_cfg
+    ref = pipe(image=_first_frame_image(x), prompt=synth.clip_spec(10).caption, negative_prompt="", height=32,
+               width=32, num_frames=FRAMES, num_inference_steps=steps, guidance_scale=cfg, latents=noise.clone(),
+               max_sequence_length=8, output_type="latent").frames
+    model = load_transformer(pipe_dir)
+    pipe.scheduler.set_timesteps(steps)
+    ours = euler_sample(lambda z, s: velocity_cfg(model, z, s, cond, cache.null_like(cond), cfg), noise,
+                        pipe.scheduler.sigmas)
+    return ours, ref
+
+
 def test_wan22_ti2v_cache_and_sampling_match_the_pipeline(tmp_path):
     """Wan 2.2 TI2V (`expand_timesteps`): the cache holds the pipeline's first-frame condition, and our Euler
     sampler with CFG, calling the transformer through `models.velocity`, lands on the pipeline's own latents."""
     from diffusers import WanImageToVideoPipeline
-    from PIL import Image
-    from flgcore.flow import euler_sample
-    from flgcore.models import load_transformer, velocity_cfg
     _write_videos(tmp_path)
     pipe_dir = write_tiny_pipeline(tmp_path / "pipe", ti2v=True)
     assert run_cache(_cfg(tmp_path, pipe_dir))["clips"] == 5
@@ -190,15 +203,8 @@ def test_wan22_ti2v_cache_and_sampling_match_the_pipeline(tmp_path):
     # The causal VAE gives the first frame alone the clip's own first latent, so frame 0's losses vanish.
     torch.testing.assert_close(cond.image[:, :, :1], x0[:, :, :1], atol=1e-5, rtol=1e-5)
 
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    image = Image.fromarray(((x[:, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
-    ref = pipe(image=image, prompt=synth.clip_spec(10).caption, negative_prompt="", height=32, width=32,
-               num_frames=FRAMES, num_inference_steps=3, guidance_scale=2.5, latents=noise.clone(),
-               max_sequence_length=8, output_type="latent").frames
-    model = load_transformer(pipe_dir)
-    pipe.scheduler.set_timesteps(3)
-    ours = euler_sample(lambda z, s: velocity_cfg(model, z, s, cond, cache.null_like(cond), 2.5), noise,
-                        pipe.scheduler.sigmas)
+    ours, ref = _wan_latents_both_ways(pipe, pipe_dir, x, cond, cache,
+                                       torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)))
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours[:, :, :1], cond.image[:, :, :1], atol=1e-5, rtol=1e-5)
 
@@ -210,9 +216,6 @@ def test_wan21_i2v_cache_and_sampling_match_the_pipeline(tmp_path):
     tokens, and our Euler sampler with CFG, which builds the 4-channel first-frame mask and concatenates
     [latents, mask, condition] in `models.velocity`, lands on the pipeline's own latents."""
     from diffusers import WanImageToVideoPipeline
-    from flgcore.cache import _first_frame_image
-    from flgcore.flow import euler_sample
-    from flgcore.models import load_transformer, velocity_cfg
     _write_videos(tmp_path)
     pipe_dir = write_tiny_pipeline(tmp_path / "pipe", clip=True)
     assert run_cache(_cfg(tmp_path, pipe_dir))["clips"] == 5
@@ -224,14 +227,8 @@ def test_wan21_i2v_cache_and_sampling_match_the_pipeline(tmp_path):
     x = read_clip(str(tmp_path / "v0.mp4"), FRAMES, 1, 32, 32)
     _, condition = pipe.prepare_latents(x[:, 0][None], 1, 4, 32, 32, FRAMES, torch.float32, "cpu")
     torch.testing.assert_close(cond.image, condition[:, 4:])  # [mask (4 channels), condition latents]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    ref = pipe(image=_first_frame_image(x), prompt=synth.clip_spec(10).caption, negative_prompt="", height=32,
-               width=32, num_frames=FRAMES, num_inference_steps=3, guidance_scale=2.5, latents=noise.clone(),
-               max_sequence_length=8, output_type="latent").frames
-    model = load_transformer(pipe_dir)
-    pipe.scheduler.set_timesteps(3)
-    ours = euler_sample(lambda z, s: velocity_cfg(model, z, s, cond, cache.null_like(cond), 2.5), noise,
-                        pipe.scheduler.sigmas)
+    ours, ref = _wan_latents_both_ways(pipe, pipe_dir, x, cond, cache,
+                                       torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)))
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     _train_from_cache(pipe_dir, tmp_path / "out", tmp_path)
 
