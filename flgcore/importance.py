@@ -75,11 +75,18 @@ def _block_sequence(model, seq: list):
             setattr(model, attr, mods)
 
 
-def skip_each(model, x, s, cond, active: list[int] | None = None, reuse: bool = True):
+def _moved(o, device):
+    """A block's output (a tensor or a tuple of them) on `device`."""
+    return tuple(_moved(t, device) for t in o) if isinstance(o, tuple) else o.to(device, non_blocking=True)
+
+
+def skip_each(model, x, s, cond, active: list[int] | None = None, reuse: bool = True, store: str | None = None):
     """Velocity with each active block skipped in turn, the other active blocks kept.
 
     Returns ({block index: v_skip}, v_active) where v_active runs all active blocks. With reuse, one
-    capture pass stores each block's output and each skip pass replays the stored prefix.
+    capture pass stores each block's output and each skip pass replays the stored prefix. `store="cpu"`
+    keeps those outputs in CPU memory: HunyuanVideo-I2V at 720p x 129 frames has 118,800 tokens, so its 60
+    block outputs take 44 GB in bf16 beside the 26 GB model (computed, not measured).
     """
     bl = blocks(model)
     active = [b.index for b in bl] if active is None else sorted(active)
@@ -96,7 +103,8 @@ def skip_each(model, x, s, cond, active: list[int] | None = None, reuse: bool = 
         return out, v_active
     stored, hooks = {}, []
     for i in active:
-        hooks.append(mods[i].register_forward_hook(lambda m, a, o, i=i: stored.__setitem__(i, o)))
+        hooks.append(mods[i].register_forward_hook(
+            lambda m, a, o, i=i: stored.__setitem__(i, _moved(o, store) if store else o)))
     try:
         with torch.no_grad(), _block_sequence(model, [mods[i] for i in active]):
             v_active = velocity(model, x, s, cond)
@@ -105,7 +113,7 @@ def skip_each(model, x, s, cond, active: list[int] | None = None, reuse: bool = 
             h.remove()
     with torch.no_grad():
         for k, i in enumerate(active):
-            prefix = [_Replay(stored[active[k - 1]])] if k > 0 else []
+            prefix = [_Replay(_moved(stored[active[k - 1]], x.device) if store else stored[active[k - 1]])] if k > 0 else []
             with _block_sequence(model, prefix + [mods[j] for j in active[k + 1:]]):
                 out[i] = velocity(model, x, s, cond)
     return out, v_active
@@ -142,6 +150,7 @@ class Stage1Config:
     threads: int = 0
     device: str = "cpu"           # "cuda": score on a GPU (the draws stay on the CPU)
     precision: str = "fp32"       # "bf16" for real checkpoints on one GPU (scores are averaged in fp32)
+    store_on_cpu: bool = False    # keep the replayed block outputs in CPU memory (large token counts: see skip_each)
 
 
 def scoring_batches(cfg: Stage1Config, encoder: synth.TextEncoder | None):
@@ -164,12 +173,16 @@ def scoring_batches(cfg: Stage1Config, encoder: synth.TextEncoder | None):
 
 
 def score_blocks(model, batches, objective: str = "eq4", active: list[int] | None = None,
-                 drop_ref: list[int] | None = None, progress: bool = True) -> pd.DataFrame:
-    """Tidy per-sample errors: one row per (block, sigma, sample). Eq. 3 compares with the full model."""
+                 drop_ref: list[int] | None = None, progress: bool = True, store: str | None = None) -> pd.DataFrame:
+    """Tidy per-sample errors: one row per (block, sigma, sample). Eq. 3 compares with the full model.
+    Batches (drawn on the CPU) go to the model's device one at a time: all of a real run's at once would not
+    fit (320 x 90 MB for HunyuanVideo-I2V at 720p)."""
     rows = []
-    for x0, cond, eps, s in tqdm(list(batches), desc="stage1 scoring", disable=not progress, dynamic_ncols=True):
+    device = next(model.parameters()).device
+    for batch in tqdm(list(batches), desc="stage1 scoring", disable=not progress, dynamic_ncols=True):
+        x0, cond, eps, s = to_device(device, *batch)
         x_s = flow.add_noise(x0, eps, s)
-        v_skip, v_act = skip_each(model, x_s, s, cond, active)
+        v_skip, v_act = skip_each(model, x_s, s, cond, active, store=store)
         if objective == "eq3" and active is not None and len(active) < len(blocks(model)):
             with torch.no_grad():
                 v_act = velocity(model, x_s, s, cond)  # Eq. 3 is always against the original model
@@ -197,7 +210,8 @@ def _budget(bl, retention: float) -> float:
     return check_retention(retention) * sum(b.params for b in bl) * (1 + 1e-9)  # as select_keep: float rounding
 
 
-def iterative_path(model, batches, retention: float, objective: str = "eq4", progress: bool = True) -> list[int]:
+def iterative_path(model, batches, retention: float, objective: str = "eq4", progress: bool = True,
+                   store: str | None = None) -> list[int]:
     """Greedy removal order: drop the block whose removal hurts least, re-score the rest, until the budget is met.
 
     Each choice depends only on the blocks still active, so the order for a lower retention extends the order
@@ -207,7 +221,7 @@ def iterative_path(model, batches, retention: float, objective: str = "eq4", pro
     budget = _budget(bl, retention)
     active, removed = [b.index for b in bl], []
     while sum(bl[i].params for i in active) > budget and len(active) > 1:
-        scores = score_blocks(model, batches, objective, active, progress=False).groupby("block").err.mean()
+        scores = score_blocks(model, batches, objective, active, progress=False, store=store).groupby("block").err.mean()
         removed.append(int(scores.idxmin()))
         active.remove(removed[-1])
         if progress:
@@ -227,9 +241,10 @@ def keep_after(model, removed: list[int], retention: float) -> list[int]:
     return active
 
 
-def iterative_selection(model, batches, retention: float, objective: str = "eq4", progress: bool = True) -> list[int]:
+def iterative_selection(model, batches, retention: float, objective: str = "eq4", progress: bool = True,
+                        store: str | None = None) -> list[int]:
     """Greedy selection (re-scored after each removal): the blocks kept at this retention."""
-    removed = iterative_path(model, batches, retention, objective, progress)  # it stops at this budget
+    removed = iterative_path(model, batches, retention, objective, progress, store)  # it stops at this budget
     return [b.index for b in blocks(model) if b.index not in removed]
 
 
@@ -267,17 +282,18 @@ def run_stage1(cfg: Stage1Config) -> dict:
     bundle = load_bundle(cfg.model, device=cfg.device)
     model = bundle.model.to(torch.bfloat16) if cfg.precision == "bf16" else bundle.model
     save_config(cfg, out)
-    batches = [to_device(cfg.device, *b) for b in scoring_batches(cfg, bundle.encoder)]
+    batches = list(scoring_batches(cfg, bundle.encoder))  # on the CPU; score_blocks moves one at a time
+    store = "cpu" if cfg.store_on_cpu else None
     metrics: dict = {}
 
     if cfg.compare_naive:  # the cost claim, measured on the first batch: same scores, fewer block evaluations
-        x0, cond, eps, s = batches[0]
+        x0, cond, eps, s = to_device(cfg.device, *batches[0])
         x_s = flow.add_noise(x0, eps, s)
         timing = {}
         for reuse in (False, True):
             with count_block_calls(model) as c:
                 t0 = time.perf_counter()
-                v, _ = skip_each(model, x_s, s, cond, reuse=reuse)
+                v, _ = skip_each(model, x_s, s, cond, reuse=reuse, store=store)
                 timing[reuse] = (time.perf_counter() - t0, c["n"], v)
         same = all(torch.allclose(timing[True][2][i], timing[False][2][i], rtol=1e-4, atol=1e-5) for i in timing[True][2])
         metrics.update(naive_seconds=timing[False][0], reuse_seconds=timing[True][0],
@@ -287,7 +303,7 @@ def run_stage1(cfg: Stage1Config) -> dict:
               f"{timing[True][0]:.2f}s vs {timing[False][0]:.2f}s (x{metrics['time_ratio']:.2f}), identical: {same}")
 
     t0 = time.perf_counter()
-    per_sample = score_blocks(model, batches, cfg.objective)
+    per_sample = score_blocks(model, batches, cfg.objective, store=store)
     by_t, by_b = summarise(per_sample, model)
     by_t.to_csv(out / "importance.csv", index=False)
     by_b.to_csv(out / "blocks.csv", index=False)
@@ -297,7 +313,7 @@ def run_stage1(cfg: Stage1Config) -> dict:
     if cfg.method == "oneshot":
         keep = select_keep(by_b.sort_values("block").importance.tolist(), params, cfg.retention)
     else:
-        keep = iterative_selection(model, batches, cfg.retention, cfg.objective)
+        keep = iterative_selection(model, batches, cfg.retention, cfg.objective, store=store)
     drop = [i for i in range(len(params)) if i not in keep]
     selection = dict(kept=keep, dropped=drop, params_kept=int(sum(params[i] for i in keep)),
                      params_total=int(sum(params)), retention_target=cfg.retention,

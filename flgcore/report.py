@@ -162,21 +162,22 @@ def analysis_bundle(model: str, device: str = "cpu", precision: str = "fp32"):
 
 
 def scoring_batches_for(bundle, n: int, sigmas: list[float], seed: int, batch_size: int = 16, data: str = "synth"):
+    """Stage I's draws, on the CPU (they go to the model one batch at a time)."""
     from .importance import Stage1Config, scoring_batches
-    from .models import to_device
-    device = next(bundle.model.parameters()).device  # the draws are made on the CPU, then moved to the model
-    cfg = Stage1Config(n=n, sigmas=list(sigmas), seed=seed, batch_size=batch_size, data=data)
-    return [to_device(device, *b) for b in scoring_batches(cfg, bundle.encoder)]
+    return list(scoring_batches(Stage1Config(n=n, sigmas=list(sigmas), seed=seed, batch_size=batch_size, data=data),
+                                bundle.encoder))
 
 
 @torch.no_grad()
 def set_error(model, batches, drop: list[int]) -> float:
     """Eq. 3 for a whole set: mean squared output error of the view without `drop` against the full model."""
     from .importance import eq3_error
-    from .models import velocity
+    from .models import to_device, velocity
     from .surgery import skipping
     errs = []
-    for x0, cond, eps, s in batches:
+    device = next(model.parameters()).device
+    for batch in batches:
+        x0, cond, eps, s = to_device(device, *batch)
         x_s = flow.add_noise(x0, eps, s)
         v_full = velocity(model, x_s, s, cond)
         with skipping(model, drop):

@@ -16,6 +16,15 @@ def test_eval_on_the_gpu_matches_the_cpu(tiny_bundle_dir, tmp_path):
     assert got["cuda"]["average"] == pytest.approx(got["cpu"]["average"], abs=0.02)
 
 
+def test_stage1_keeps_its_draws_and_optionally_the_replayed_prefix_in_cpu_memory(tiny_bundle_dir, tmp_path):
+    from flgcore.importance import Stage1Config, run_stage1
+    got = {store: run_stage1(Stage1Config(model=str(tiny_bundle_dir), out=str(tmp_path / str(store)), n=4, batch_size=2,
+                                          sigmas=[0.5], device="cuda", store_on_cpu=store, compare_naive=True))
+           for store in (False, True)}
+    assert got[True]["scores_identical"] and got[False]["scores_identical"]
+    assert got[True]["importance_first"] == got[False]["importance_first"]  # the same numbers, only the memory moves
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_stage2_and_stage3_train_on_the_gpu(tiny_bundle_dir, tmp_path, precision):
     from flgcore.sampling import load_bundle

@@ -30,8 +30,10 @@ def test_prefix_reuse_equals_naive_and_costs_less(tiny):
         naive, v_full_naive = skip_each(tiny, x, s, cond, reuse=False)
     with count_block_calls(tiny) as c_reuse:
         reuse, v_full = skip_each(tiny, x, s, cond, reuse=True)
+    stored_on_cpu, _ = skip_each(tiny, x, s, cond, reuse=True, store="cpu")  # a no-op move here; see test_gpu
     for i in range(n):
         torch.testing.assert_close(reuse[i], naive[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stored_on_cpu[i], reuse[i], rtol=0, atol=0)
         with torch.no_grad(), skipping(tiny, [i]):  # and both equal the plain skip view
             torch.testing.assert_close(reuse[i], velocity(tiny, x, s, cond), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(v_full, v_full_naive)
