@@ -245,9 +245,11 @@ def skip_explorer(bundle, skip: list[int], seeds: list[int], steps: int = 25, n_
     else:
         from .cache import latent_decoder
         from .data import LatentCache
-        index = list(range(len(seeds)))
+        cache, index = LatentCache(data), list(range(len(seeds)))
+        if len(seeds) > len(cache):
+            raise FlgError(f"clip_seeds: {len(seeds)} clips asked for, the cache {data} holds {len(cache)}")
         decode = latent_decoder(bundle.root.parent, device=str(next(bundle.model.parameters()).device))
-        real = decode(LatentCache(data).items(index)[0])
+        real = decode(cache.items(index)[0])
         views = {name: decode(sample_cached(bundle, spec(drop), data, index, list(seeds)))
                  for name, drop in (("full", []), (f"skip {list(skip)}", list(skip)))}
     rows = [("real", real), *views.items()]
