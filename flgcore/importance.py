@@ -76,7 +76,9 @@ def _block_sequence(model, seq: list):
 
 
 def _moved(o, device):
-    """A block's output (a tensor or a tuple of them) on `device`."""
+    """A block's output (a tensor or a tuple of them) on `device`; None leaves it where it is."""
+    if device is None:
+        return o
     return tuple(_moved(t, device) for t in o) if isinstance(o, tuple) else o.to(device, non_blocking=True)
 
 
@@ -104,7 +106,7 @@ def skip_each(model, x, s, cond, active: list[int] | None = None, reuse: bool = 
     stored, hooks = {}, []
     for i in active:
         hooks.append(mods[i].register_forward_hook(
-            lambda m, a, o, i=i: stored.__setitem__(i, _moved(o, store) if store else o)))
+            lambda m, a, o, i=i: stored.__setitem__(i, _moved(o, store))))
     try:
         with torch.no_grad(), _block_sequence(model, [mods[i] for i in active]):
             v_active = velocity(model, x, s, cond)
@@ -113,7 +115,7 @@ def skip_each(model, x, s, cond, active: list[int] | None = None, reuse: bool = 
             h.remove()
     with torch.no_grad():
         for k, i in enumerate(active):
-            prefix = [_Replay(_moved(stored[active[k - 1]], x.device) if store else stored[active[k - 1]])] if k > 0 else []
+            prefix = [_Replay(_moved(stored[active[k - 1]], x.device if store else None))] if k > 0 else []
             with _block_sequence(model, prefix + [mods[j] for j in active[k + 1:]]):
                 out[i] = velocity(model, x, s, cond)
     return out, v_active
@@ -151,6 +153,17 @@ class Stage1Config:
     device: str = "cpu"           # "cuda": score on a GPU (the draws stay on the CPU)
     precision: str = "fp32"       # "bf16" for real checkpoints on one GPU (scores are averaged in fp32)
     store_on_cpu: bool = False    # keep the replayed block outputs in CPU memory (large token counts: see skip_each)
+
+
+def scoring_bundle(model: str, device: str = "cpu", precision: str = "fp32"):
+    """The model as Stage I scores it: its weights cast to bf16 for precision="bf16" (a real checkpoint on one
+    GPU; `models.velocity` casts the inputs to the weights' dtype)."""
+    from .sampling import load_bundle
+    check_precision(precision)
+    bundle = load_bundle(model, device=device)
+    if precision == "bf16":
+        bundle.model.to(torch.bfloat16)
+    return bundle
 
 
 def scoring_batches(cfg: Stage1Config, encoder: synth.TextEncoder | None):
@@ -268,7 +281,6 @@ def plot_importance(summary: pd.DataFrame, path: Path, title: str = "Block impor
 
 
 def run_stage1(cfg: Stage1Config) -> dict:
-    from .sampling import load_bundle
     setup_torch(cfg.threads, cfg.device)
     if cfg.method not in ("oneshot", "iterative"):
         raise FlgError(f"method must be 'oneshot' or 'iterative', got {cfg.method!r}")
@@ -278,9 +290,8 @@ def run_stage1(cfg: Stage1Config) -> dict:
     if not cfg.sigmas or not all(0 < s <= 1 for s in cfg.sigmas):
         raise FlgError(f"sigmas must be a non-empty list in (0, 1], got {cfg.sigmas}")
     out = Path(cfg.out)
-    check_precision(cfg.precision)
-    bundle = load_bundle(cfg.model, device=cfg.device)
-    model = bundle.model.to(torch.bfloat16) if cfg.precision == "bf16" else bundle.model
+    bundle = scoring_bundle(cfg.model, cfg.device, cfg.precision)
+    model = bundle.model
     save_config(cfg, out)
     batches = list(scoring_batches(cfg, bundle.encoder))  # on the CPU; score_blocks moves one at a time
     store = "cpu" if cfg.store_on_cpu else None

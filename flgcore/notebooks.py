@@ -78,9 +78,11 @@ REAL_CHECKPOINT = ["01_block_importance"]
 
 def testbed_model(model: str) -> bool:
     """synth-tiny or a flgcore model with a SynthMotion text encoder: one SynthBench can score."""
-    from .models import BUILTIN
-    p = BUILTIN.get(model, Path(model))
-    return (p / "flgcore.json").is_file() and (p / "text_encoder").is_dir()
+    from .sampling import model_root
+    try:
+        return (model_root(model) / "text_encoder").is_dir()
+    except FlgError:
+        return False
 
 
 def run_label(profile: str, model: str | None) -> str:

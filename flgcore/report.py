@@ -16,6 +16,7 @@ import torch
 
 from . import flow, synth
 from .config import from_dict, to_dict
+from .importance import scoring_bundle  # noqa: F401  (notebook 01 loads its model as Stage I does)
 from .models import FlgError, fingerprint
 from .runs import read_json, write_json
 
@@ -149,18 +150,6 @@ def plot_selection(selection: pd.DataFrame, ax=None):
     return ax.figure
 
 
-def analysis_bundle(model: str, device: str = "cpu", precision: str = "fp32"):
-    """The model for notebook 01's analyses, cast to bf16 for `precision="bf16"` as Stage I runs it (a real
-    checkpoint on one GPU); `models.velocity` casts the inputs to the weights' dtype."""
-    from .runs import check_precision
-    from .sampling import load_bundle
-    check_precision(precision)
-    bundle = load_bundle(model, device=device)
-    if precision == "bf16":
-        bundle.model.to(torch.bfloat16)
-    return bundle
-
-
 def scoring_batches_for(bundle, n: int, sigmas: list[float], seed: int, batch_size: int = 16, data: str = "synth"):
     """Stage I's draws, on the CPU (they go to the model one batch at a time)."""
     from .importance import Stage1Config, scoring_batches
@@ -181,7 +170,7 @@ def set_error(model, batches, drop: list[int]) -> float:
         x_s = flow.add_noise(x0, eps, s)
         v_full = velocity(model, x_s, s, cond)
         with skipping(model, drop):
-            errs.append(eq3_error(velocity(model, x_s, s, cond), v_full).float())
+            errs.append(eq3_error(velocity(model, x_s, s, cond), v_full))
     return float(torch.cat(errs).mean())
 
 
@@ -250,7 +239,7 @@ def skip_explorer(bundle, skip: list[int], seeds: list[int], steps: int = 25, n_
             raise FlgError(f"clip_seeds: {len(seeds)} clips asked for, the cache {data} holds {len(cache)}")
         decode = latent_decoder(bundle.root.parent, device=str(next(bundle.model.parameters()).device))
         real = decode(cache.items(index)[0])
-        views = {name: decode(sample_cached(bundle, spec(drop), data, index, list(seeds)))
+        views = {name: decode(sample_cached(bundle, spec(drop), cache, index, list(seeds)))
                  for name, drop in (("full", []), (f"skip {list(skip)}", list(skip)))}
     rows = [("real", real), *views.items()]
     shown = np.unique(np.linspace(0, real.shape[2] - 1, min(frames, real.shape[2])).round().astype(int))

@@ -144,11 +144,9 @@ def sample_batch(bundle: Bundle, spec: SampleSpec, first_frames: torch.Tensor, c
     return _sample(model, spec, cond, synth.null_cond(enc, cond), clip_noise(seeds, ref.shape[1:]), seeds).clamp(-1, 1)
 
 
-def sample_cached(bundle: Bundle, spec: SampleSpec, data: str | Path, index: list[int], seeds: list[int]) -> torch.Tensor:
-    """Latents [B, C, F, H, W] sampled from the conditions of latent-cache items `index` (a real checkpoint:
+def sample_cached(bundle: Bundle, spec: SampleSpec, cache, index: list[int], seeds: list[int]) -> torch.Tensor:
+    """Latents [B, C, F, H, W] sampled from the conditions of `data.LatentCache` items `index` (a real checkpoint:
     the prompts and first frames `flg cache` encoded), one noise seed per clip; decode with `cache.latent_decoder`."""
-    from .data import LatentCache
-    cache = LatentCache(data)
     x0, cond = cache.items(index)
     return _sample(bundle.model, spec, cond, cache.null_like(cond), clip_noise(seeds, x0.shape[1:]), seeds)
 
