@@ -198,7 +198,17 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
     d = round(n * (1 - cfg.retention))  # timing only: which blocks go does not matter, how many does
     drop = list(range((n - d) // 2, (n - d) // 2 + d))
     keep = complement(model, drop)
+    out = Path(cfg.out)
+    save_config(cfg, out)
     rows = []
+
+    def record(*new):  # each row on screen and on disk as it is measured: a run cut off keeps what it measured
+        rows.extend(new)
+        pd.DataFrame(rows).to_csv(out / "bench_gpu.csv", index=False)
+        for r in new:
+            print(f"{r['what']} [{r['grad_checkpointing']} ckpt, {r['attention']}, compile {r['compile']}]: "
+                  + ("out of memory" if r["oom"] else f"{r['sec']:.3f} s, MFU {r['mfu']:.3f}, peak {r['peak_gib']:.1f} GiB"),
+                  flush=True)
     base = dict(preset=cfg.preset, blocks_built=n, tokens=tokens, batch=cfg.batch_size)
     # FLOPs are counted eagerly (compiling changes no model FLOP); the compile itself happens in measure's warm-up
     for comp, att in [(c, a) for c in cfg.compile for a in backends]:
@@ -214,7 +224,7 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
                 compile_blocks(model, comp)
                 r = measure(make(x, s, cond), flops, cfg, f"stage2 {tag}")
                 compile_blocks(model, False)
-                rows.append(dict(row, what="stage2 step", **r))
+                record(dict(row, what="stage2 step", **r))
                 torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
             if "stage3" in cfg.what:
                 student = prune(model, keep).train()  # keeps the blocks' checkpointing marks and attention backend
@@ -224,7 +234,7 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
                 compile_blocks(model, comp); compile_blocks(student, comp)
                 r = measure(make(x, s, cond), flops, cfg, f"stage3 {tag}")
                 compile_blocks(model, False)
-                rows.append(dict(row, what="stage3 student turn + fake update", **r))
+                record(dict(row, what="stage3 student turn + fake update", **r))
                 model.delete_adapters("fake")
                 for p in model.parameters():
                     p.requires_grad_(True)
@@ -250,14 +260,11 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
             with torch.no_grad():
                 rt = measure(teacher_fn(x, s, cond), count_flops(teacher_fn, cfg, teacher), cfg, f"teacher 50 x CFG attention={att}")
                 rs = measure(student_fn(x, s, cond), count_flops(student_fn, cfg, teacher), cfg, f"student attention={att}")
-            rows += [dict(base, what="teacher sampling", grad_checkpointing=0.0, attention=att, compile=False, **rt),
-                     dict(base, what="student sampling", grad_checkpointing=0.0, attention=att, compile=False, **rs)]
+            record(dict(base, what="teacher sampling", grad_checkpointing=0.0, attention=att, compile=False, **rt),
+                   dict(base, what="student sampling", grad_checkpointing=0.0, attention=att, compile=False, **rs))
             by_attention[att] = dict(theoretical_speedup=theoretical, measured_speedup=rt["sec"] / rs["sec"],
                                      ratio=rt["sec"] / rs["sec"] / theoretical, kept_blocks=len(keep))
         summary = dict(by_attention[backends[0]], by_attention=by_attention)  # the first backend's at the top level
-    out = Path(cfg.out)
-    save_config(cfg, out)
-    pd.DataFrame(rows).to_csv(out / "bench_gpu.csv", index=False)
     dev = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"
     write_json(out / "metrics.json", dict(summary, device=dev, rows=rows))
     print(pd.DataFrame(rows)[["what", "grad_checkpointing", "attention", "compile", "sec", "tflops", "mfu", "peak_gib", "oom"]].to_string(index=False))

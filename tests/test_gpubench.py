@@ -45,6 +45,26 @@ def test_gpu_bench_measures_compiled_blocks(tmp_path, monkeypatch):
     assert compiled == [0, 0, 10, 0]  # off, off / on (the 10 blocks), off again
 
 
+def test_a_bench_cut_off_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """Each row is on disk as soon as it is measured: a run stopped at a time limit still has them."""
+    import pandas as pd
+    import flgcore.gpubench
+    real, calls = flgcore.gpubench.measure, []
+
+    def measure_then_stop(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a time limit's signal looks like from inside
+        return real(*a, **k)
+    monkeypatch.setattr(flgcore.gpubench, "measure", measure_then_stop)
+    out = tmp_path / "gb"
+    assert main(["bench", "--gpu", "preset=tiny", "device=cpu", "frames=5", "height=32", "width=32", "text_len=4",
+                 "repeats=1", "warmup=0", "checkpointing=[0, 1]", "what=[stage2]", f"out={out}"]) != 0
+    rows = pd.read_csv(out / "bench_gpu.csv")
+    assert list(rows["what"]) == ["stage2 step"] and list(rows["grad_checkpointing"]) == [0.0]
+    assert (out / "config.yaml").exists() and not (out / "metrics.json").exists()
+
+
 def test_a_setting_out_of_gpu_memory_is_a_row_not_a_crash():
     import torch
     from flgcore.gpubench import GpuBenchConfig, measure
