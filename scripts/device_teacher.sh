@@ -7,7 +7,8 @@
 #   run(command="bash scripts/device_teacher.sh", carry=[".whl"])                     # from scratch
 #   run(command="INIT=flgcore/assets/synth-tiny bash scripts/device_teacher.sh", carry=[".whl"])  # warm start
 #   (session 11: INIT=flgcore/assets/synth-tiny BUDGET=450 STEPS=3200 LR=3e-4 finished its schedule in 5.2 min,
-#   0.097 s/step, and the whole call in 450 s: average 0.640 -> 0.752)
+#   0.097 s/step, and the whole call in 450 s: average 0.640 -> 0.752. Session 21: three calls, each warm-started
+#   from the last one's teacher-model.tgz, 0.752 -> 0.837 -> 0.845 -> 0.903; LOG.md has the commands)
 #
 # Env: BUDGET seconds of training (420), STEPS cosine length (6000), BATCH (128), LR (6e-4), WORKERS data
 # processes (12), COMPILE (true: torch.compile the model in place; if that run dies before its first
@@ -26,6 +27,7 @@ flg() { python3 -m flgcore.cli "$@"; }
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
 T=$R/teacher
+rm -rf $T  # a warm machine keeps /tmp: a previous call's run there would be resumed, under this call's config
 train() {  # seconds, compile flag
   timeout "$1" python3 -m flgcore.cli pretrain --config configs/pretrain_synth_tiny.yaml out=$T device=$DEVICE threads=1 \
     workers=$WORKERS batch_size=$BATCH lr=$LR steps=$STEPS warmup=200 ema_decay=0.999 ckpt_every=200 compile="$2" \
