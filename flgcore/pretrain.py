@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from . import flow, synth
 from .config import save_config
 from .models import FlgError, to_device, velocity
-from .runs import (setup_torch, append_jsonl, ema_update, latest_checkpoint, load_checkpoint, resume_train_state,
-                   save_train_state, warmup_cosine, write_json)
+from .runs import (check_same_run, setup_torch, append_jsonl, ema_update, latest_checkpoint, load_checkpoint,
+                   resume_train_state, save_train_state, warmup_cosine, write_json)
 
 
 @dataclass
@@ -133,9 +133,10 @@ def export_model(model, encoder: synth.TextEncoder | None, out: Path, meta: dict
 def run_pretrain(cfg: PretrainConfig) -> dict:
     setup_torch(cfg.threads, cfg.device)
     out = Path(cfg.out)
-    save_config(cfg, out)
     if cfg.prediction not in ("x0", "velocity"):
         raise FlgError(f"prediction must be 'x0' or 'velocity', got {cfg.prediction!r}")
+    check_same_run(cfg, out)
+    save_config(cfg, out)
     model = build_teacher(cfg.arch, cfg.seed).train()
     model.flg_prediction = cfg.prediction
     if cfg.init_from:

@@ -95,6 +95,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+# Settings that change how a run executes, not what it computes: a run may resume under other values of these.
+RUNTIME_FIELDS = {"out", "threads", "device", "workers", "compile", "attention", "ckpt_every", "log_every", "offload",
+                  "grad_checkpointing"}
+
+
+def check_same_run(cfg, run_dir: str | Path) -> None:
+    """Refuse to resume (or reuse) a run folder whose checkpoints were made under another config: the resumed
+    weights, optimiser and schedule would silently belong to the old one (session 21: a teacher run resumed at
+    step 4300 of a finished cosine under a new `steps`)."""
+    import yaml
+    from .config import to_dict
+    out = Path(run_dir)
+    if not (out / "config.yaml").is_file() or not any((out / "checkpoints").glob("step_*")):
+        return
+    old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # the same round trip the saved one took
+    diff = [k for k in new if k in old and k not in RUNTIME_FIELDS and old[k] != new[k]]
+    if diff:
+        what = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff[:3]) + (", ..." if len(diff) > 3 else "")
+        raise FlgError(f"{out} holds checkpoints of a run with another config ({what}); "
+                       "pass another out= or delete the folder to start over")
+
+
 def finished(run_dir: str | Path, artefact: str, steps: int) -> dict | None:
     """The metrics of a run that already trained `steps` steps and exported `artefact`, else None."""
     out = Path(run_dir)

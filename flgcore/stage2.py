@@ -25,8 +25,8 @@ from .data import training_source
 from .config import save_config
 from .models import FlgError, check_attention, set_attention, to_device, velocity
 from .pretrain import export_model, sample_sigmas
-from .runs import (autocast, check_precision, setup_torch, append_jsonl, ema_update, finished, read_json,
-                   resume_train_state, save_train_state, warmup_cosine, write_json)
+from .runs import (autocast, check_precision, check_same_run, setup_torch, append_jsonl, ema_update, finished,
+                   read_json, resume_train_state, save_train_state, warmup_cosine, write_json)
 from .surgery import (blocks, check_compile, check_indices, checkpoint_share, compile_blocks, set_checkpointing,
                       skipping)
 
@@ -146,6 +146,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
     cands = candidate_blocks(cfg, model)
     source = training_source(cfg.data, bundle.encoder)
     out = Path(cfg.out)
+    check_same_run(cfg, out)
     if (done := finished(out, "model", cfg.steps)) is not None:
         return done
     if main:

@@ -32,7 +32,7 @@ from .config import save_config
 from .data import condition_source
 from .models import FlgError, cat_conds, check_attention, family_of, set_attention, to_device, velocity
 from .pretrain import export_model, pretrain_loss, sample_sigmas
-from .runs import (autocast, check_precision, setup_torch, append_jsonl, finished, resume_train_state,
+from .runs import (autocast, check_precision, check_same_run, setup_torch, append_jsonl, finished, resume_train_state,
                    save_train_state, warmup_cosine, write_json)
 from .surgery import (blocks, check_compile, check_indices, checkpoint_share, compile_blocks, complement, prune,
                       retention_of, set_checkpointing, skipping)
@@ -310,6 +310,7 @@ def run_stage3(cfg: Stage3Config) -> dict:
     drop = resolve_drop(cfg, shared, bundle.meta)
     keep = complement(shared, drop)
     out = Path(cfg.out)
+    check_same_run(cfg, out)
     if (done := finished(out, "student", cfg.steps)) is not None:
         return done
     if main:

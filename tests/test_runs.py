@@ -43,3 +43,15 @@ def test_checkpoints_keep_the_newest_two_complete_ones(tmp_path):
     assert names == ["step_00000002", "step_00000003"]
     (tmp_path / "checkpoints" / "step_00000004").mkdir()  # an incomplete folder (no state.pt) is never resumed
     assert latest_checkpoint(tmp_path).name == "step_00000003"
+
+
+def test_a_run_folder_is_not_resumed_under_another_config(tmp_path):
+    """Resuming must not mix a new config with an old run's weights and schedule; a runtime setting may change."""
+    from conftest import TINY_ARCH
+    from flgcore.cli import main
+    args = ["pretrain", f"out={tmp_path}", "steps=2", "batch_size=2", "warmup=1", "ckpt_every=1", *TINY_ARCH]
+    assert main(args) == 0
+    saved = (tmp_path / "config.yaml").read_text()
+    assert main([*args[:2], "steps=4", *args[3:]]) == 2  # a new schedule: refused, and the folder is untouched
+    assert (tmp_path / "config.yaml").read_text() == saved
+    assert main([*args, "log_every=5", "device=cpu"]) == 0  # how it runs, not what it computes: resumes
