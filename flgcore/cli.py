@@ -6,6 +6,7 @@ A user error (bad path, bad value) prints one line, `flg: error: ...`, and exits
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -190,6 +191,7 @@ def cmd_compare(a):
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _tore_down_group
     from .models import FlgError
     p = argparse.ArgumentParser(prog="flg", description="FastLightGen: fast, light video DiTs (flgcore)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(fn=cmd_notebooks)
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    ok = False
     try:
         if argv and argv[0] in STAGES:
             argv = argv[:1] + _as_overrides(argv[1:])
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             argv = ["check", *opts, argv[1], *[a for a in rest if a not in opts]]
         a = p.parse_args(argv)
         a.fn(a)
+        ok = True
     except FlgError as e:
         print(f"flg: error: {e}", file=sys.stderr)
         return 2
@@ -279,9 +283,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "torch.distributed" in sys.modules:  # a ZeRO run's process group: torn down before exit
             from .zero import shutdown
-            shutdown()
+            _tore_down_group = shutdown(ok)
     return 0
 
 
+_tore_down_group = False
+
+
+def entry() -> None:
+    """The process entry point (`flg`, `python -m flgcore.cli`, the launchers' `-m flgcore.cli`). A ZeRO rank that
+    returned has written and closed its files and torn its process group down: it leaves with os._exit, skipping the
+    interpreter's teardown, in which gloo's worker threads have aborted a finished rank (zero.shutdown)."""
+    rc = main()
+    if _tore_down_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

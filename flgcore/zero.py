@@ -104,12 +104,18 @@ def all_finite(loss: torch.Tensor) -> bool:
     return bad.item() == 0
 
 
-def shutdown() -> None:
-    """Tear the process group down before the interpreter exits. Left to the exit handlers, gloo's threads can
-    be destroyed while still joinable: a rank that had finished its run then died of SIGABRT ("terminate called
-    without an active exception"), once in tests/test_zero.py, and the launcher reported the run failed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def shutdown(ok: bool) -> bool:
+    """Tear the process group down before the interpreter exits; True if there was one. After a run that succeeded
+    on every rank, a barrier first, so that no rank closes its connections while another still uses them. Left to
+    the exit handlers, gloo's threads can be destroyed while still joinable: a rank that had finished its run then
+    died of SIGABRT ("terminate called without an active exception") in tests/test_zero.py, and the launcher
+    reported the run failed (twice in many full-suite runs; see also `cli.entry`)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if ok:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return True
 
 
 def barrier() -> None:
