@@ -262,6 +262,8 @@ def plot_table_bars(df: pd.DataFrame, x: str, metrics: list[str], title: str, ax
     sns.barplot(long, x="metric", y="score", hue=x, ax=ax)
     ax.set(title=title, ylim=(0, 1.05))
     ax.tick_params(axis="x", rotation=30)
+    # below the axes: inside, the legend covers bars near 1.0, where most of these scores lie
+    sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.42), ncol=min(len(df), 4), title=x, frameon=False)
     return ax.figure
 
 
