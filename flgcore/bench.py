@@ -3,7 +3,7 @@
 Both sample the same clips (same first frames, captions and noise seeds) in one run. Reported per
 model: median wall time per clip over `repeats` timed runs (after `warmup` untimed ones), NFE, block
 parameters; then the theoretical speed-up (NFE x block parameters, the paper's 50*2 / 4 / 0.7 = 35.7x),
-the measured one and their ratio. At a real size on a GPU (random-init Wan 2.1 1.3B / 14B), see `gpubench.py`
+the measured one and their ratio. `time_methods` times any set of models this way (notebook 05's Table 2). At a real size on a GPU (random-init Wan 2.1 1.3B / 14B), see `gpubench.py`
 (`flg bench --gpu`).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import synth
 from .config import save_config
 from .models import FlgError
 from .runs import write_json
-from .sampling import SampleSpec, load_bundle, require_encoder, sample_batch
+from .sampling import Bundle, SampleSpec, load_bundle, require_encoder, sample_batch
 from .surgery import blocks
 
 
@@ -39,8 +39,9 @@ class BenchConfig:
     device: str = "cpu"           # "cuda": time on a GPU (sampling ends with a copy to the CPU, which syncs)
 
 
-def block_params(model) -> int:
-    return sum(b.params for b in blocks(model))
+def block_params(model, drop=()) -> int:
+    """Parameters of the blocks a forward pass runs (all but `drop`)."""
+    return sum(b.params for b in blocks(model) if b.index not in set(drop))
 
 
 def time_sampling(bundle, spec: SampleSpec, seeds: list[int], repeats: int, warmup: int) -> list[float]:
@@ -56,36 +57,61 @@ def time_sampling(bundle, spec: SampleSpec, seeds: list[int], repeats: int, warm
     return times
 
 
+def time_methods(methods: dict[str, dict], n: int = 16, repeats: int = 5, warmup: int = 1,
+                 device: str = "cpu") -> pd.DataFrame:
+    """Time several models under the same conditions: one process, the same n clips, `repeats` timed runs
+    after `warmup` untimed ones each (Table 2 and Fig. 2 compare times taken this way, never times from runs
+    made at different moments or loads).
+
+    `methods` maps a name to `flg eval`'s sampling fields: model (a path or a loaded Bundle), and optionally
+    sampler, steps, cfg_scale, view ("drop": skip the blocks a Stage-II model saved). One row per method: NFE,
+    blocks run and their parameters, median (and min) seconds per clip, and the speed-up over the first method,
+    theoretical (NFE x block parameters, the paper's 50*2 / 4 / 0.7 = 35.7x) and measured, and their ratio."""
+    if n < 1 or repeats < 1 or warmup < 0:
+        raise FlgError(f"need n >= 1, repeats >= 1, warmup >= 0; got n={n}, repeats={repeats}, warmup={warmup}")
+    seeds = synth.heldout_seeds(n)
+    rows = []
+    for name, m in methods.items():
+        b = m["model"] if isinstance(m["model"], Bundle) else require_encoder(load_bundle(m["model"], device=device), m["model"])
+        view = m.get("view", "full")
+        if view not in ("full", "drop") or (view == "drop" and "drop" not in b.meta):
+            raise FlgError(f"{name}: view must be 'full', or 'drop' on a Stage-II model; got {view!r} for {b.root}")
+        drop = b.meta["drop"] if view == "drop" else []
+        spec = SampleSpec(m.get("sampler"), m.get("steps"), m.get("cfg_scale"), drop=drop).resolve(b.meta)
+        times = time_sampling(b, spec, seeds, repeats, warmup)
+        rows.append(dict(method=name, path=str(b.root), view=view, sampler=spec.sampler,
+                         steps=len(spec.sigmas or []) if spec.sampler == "fewstep" else spec.steps,
+                         cfg_scale=spec.cfg_scale, nfe=spec.nfe(), blocks=len(blocks(b.model)) - len(drop),
+                         block_params=block_params(b.model, drop), sec_per_clip=statistics.median(times) / n,
+                         sec_per_clip_min=min(times) / n, repeats=repeats))
+    df = pd.DataFrame(rows).set_index("method")
+    cost = df["nfe"] * df["block_params"]
+    df["theoretical_speedup"] = cost.iloc[0] / cost
+    df["measured_speedup"] = df["sec_per_clip"].iloc[0] / df["sec_per_clip"]
+    df["ratio"] = df["measured_speedup"] / df["theoretical_speedup"]
+    return df
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.n < 1 or cfg.repeats < 1 or cfg.warmup < 0:
-        raise FlgError(f"need n >= 1, repeats >= 1, warmup >= 0; got n={cfg.n}, repeats={cfg.repeats}, warmup={cfg.warmup}")
     teacher, student = (require_encoder(load_bundle(m, device=cfg.device), m) for m in (cfg.teacher, cfg.student))
     if student.meta.get("sampler") != "fewstep":
         raise FlgError(f"{cfg.student} is not a few-step student (its saved sampler is {student.meta.get('sampler')!r})")
-    seeds = synth.heldout_seeds(cfg.n)
-    rows = []
-    for name, b, spec in [
-        ("teacher", teacher, SampleSpec("euler", cfg.teacher_steps, cfg.teacher_cfg).resolve(teacher.meta)),
-        ("student", student, SampleSpec().resolve(student.meta)),
-    ]:
-        times = time_sampling(b, spec, seeds, cfg.repeats, cfg.warmup)
-        rows.append(dict(model=name, path=str(b.root), sampler=spec.sampler, steps=len(spec.sigmas or []) or spec.steps,
-                         cfg_scale=spec.cfg_scale, nfe=spec.nfe(), blocks=len(blocks(b.model)),
-                         block_params=block_params(b.model), sec_per_clip=statistics.median(times) / cfg.n,
-                         sec_per_clip_min=min(times) / cfg.n, repeats=cfg.repeats))
-    t, s = rows
-    theoretical = (t["nfe"] * t["block_params"]) / (s["nfe"] * s["block_params"])
-    measured = t["sec_per_clip"] / s["sec_per_clip"]
-    summary = dict(theoretical_speedup=theoretical, measured_speedup=measured, ratio=measured / theoretical,
+    df = time_methods({"teacher": dict(model=teacher, sampler="euler", steps=cfg.teacher_steps, cfg_scale=cfg.teacher_cfg),
+                       "student": dict(model=student)}, cfg.n, cfg.repeats, cfg.warmup, cfg.device)
+    s = df.loc["student"]
+    summary = dict(theoretical_speedup=float(s["theoretical_speedup"]), measured_speedup=float(s["measured_speedup"]),
+                   ratio=float(s["ratio"]),
                    device=torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
                    n=cfg.n)
+    rows = df.drop(columns=["theoretical_speedup", "measured_speedup", "ratio"]).reset_index(names="model")
+    t, s = rows.to_dict("records")
     out = Path(cfg.out)
     save_config(cfg, out)
-    pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)
+    rows.to_csv(out / "bench.csv", index=False)
     write_json(out / "metrics.json", dict(summary, teacher=t, student=s))
-    print(format_bench(rows, summary))
+    print(format_bench([t, s], summary))
     return dict(summary, teacher=t, student=s)
 
 

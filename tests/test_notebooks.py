@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -58,6 +59,9 @@ def test_every_notebook_runs_end_to_end(tmp_path):
     nb05 = tmp_path / "quick" / "05_method_comparison"
     assert (nb05 / "dmd2" / "student").is_dir()
     assert not any((nb05 / d).exists() for d in ("fastlightgen", "eval_flg", "eval_pruned"))
+    methods = pd.read_csv(nb05 / "methods.csv", index_col=0)  # every method timed in the notebook's one process
+    assert len(methods) == 4 and methods["sec_per_clip"].gt(0).all()
+    assert methods.loc["pruning only", "block_params"] < methods.loc["Euler teacher", "block_params"]
     executed = json.loads((tmp_path / "quick" / "03_stage3_ablations" / "03_stage3_ablations.ipynb").read_text())
     assert executed["metadata"]["papermill"]["parameters"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     # a second run reuses every finished notebook

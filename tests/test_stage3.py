@@ -258,6 +258,23 @@ def test_clear_errors(tiny_stage2_dir, tiny_bundle_dir, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_time_methods_times_every_method_alike_and_counts_only_the_blocks_run(tiny_bundle_dir, tiny_stage2_dir):
+    from flgcore.bench import time_methods
+    from flgcore.surgery import blocks
+    from flgcore.sampling import load_bundle
+    df = time_methods({"teacher": dict(model=str(tiny_bundle_dir), steps=3, cfg_scale=2.0),
+                       "pruned": dict(model=str(tiny_stage2_dir), view="drop", steps=3, cfg_scale=2.0)},
+                      n=1, repeats=1, warmup=0)
+    params = [b.params for b in blocks(load_bundle(tiny_stage2_dir).model)]
+    assert list(df.index) == ["teacher", "pruned"] and list(df["blocks"]) == [4, 2]
+    assert df.loc["pruned", "block_params"] == sum(params) - params[1] - params[2]  # the drop set is blocks 1, 2
+    assert df.loc["teacher", "nfe"] == df.loc["pruned", "nfe"] == 6
+    assert df.loc["teacher", "theoretical_speedup"] == 1.0 and df.loc["teacher", "measured_speedup"] == 1.0
+    assert df.loc["pruned", "theoretical_speedup"] == pytest.approx(sum(params) / (sum(params) - params[1] - params[2]))
+    with pytest.raises(FlgError, match="teacher: view must be 'full', or 'drop' on a Stage-II model"):
+        time_methods({"teacher": dict(model=str(tiny_bundle_dir), view="drop")}, n=1, repeats=1)
+
+
 def test_bench_reports_theoretical_and_measured_speedup(tiny_bundle_dir, tiny_stage2_dir, tmp_path):
     run_stage3(_cfg(tiny_stage2_dir, tmp_path / "s3", steps=1))
     r = run_bench(BenchConfig(teacher=str(tiny_bundle_dir), student=str(tmp_path / "s3" / "student"),
