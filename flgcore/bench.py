@@ -3,8 +3,8 @@
 Both sample the same clips (same first frames, captions and noise seeds) in one run. Reported per
 model: median wall time per clip over `repeats` timed runs (after `warmup` untimed ones), NFE, block
 parameters; then the theoretical speed-up (NFE x block parameters, the paper's 50*2 / 4 / 0.7 = 35.7x),
-the measured one and their ratio. `time_methods` times any set of models this way (notebook 05's Table 2). At a real size on a GPU (random-init Wan 2.1 1.3B / 14B), see `gpubench.py`
-(`flg bench --gpu`).
+the measured one and their ratio. `time_methods` times any set of models this way (notebook 05's Table 2).
+At a real size on a GPU (random-init Wan 2.1 1.3B / 14B), see `gpubench.py` (`flg bench --gpu`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from . import synth
 from .config import save_config
 from .models import FlgError
 from .runs import write_json
-from .sampling import Bundle, SampleSpec, load_bundle, require_encoder, sample_batch
+from .sampling import Bundle, SampleSpec, load_bundle, require_encoder, sample_batch, view_drop
 from .surgery import blocks
 
 
@@ -41,7 +41,8 @@ class BenchConfig:
 
 def block_params(model, drop=()) -> int:
     """Parameters of the blocks a forward pass runs (all but `drop`)."""
-    return sum(b.params for b in blocks(model) if b.index not in set(drop))
+    drop = set(drop)
+    return sum(b.params for b in blocks(model) if b.index not in drop)
 
 
 def time_sampling(bundle, spec: SampleSpec, seeds: list[int], repeats: int, warmup: int) -> list[float]:
@@ -74,9 +75,7 @@ def time_methods(methods: dict[str, dict], n: int = 16, repeats: int = 5, warmup
     for name, m in methods.items():
         b = m["model"] if isinstance(m["model"], Bundle) else require_encoder(load_bundle(m["model"], device=device), m["model"])
         view = m.get("view", "full")
-        if view not in ("full", "drop") or (view == "drop" and "drop" not in b.meta):
-            raise FlgError(f"{name}: view must be 'full', or 'drop' on a Stage-II model; got {view!r} for {b.root}")
-        drop = b.meta["drop"] if view == "drop" else []
+        drop = view_drop(b, view, f"{name} ({b.root})")
         spec = SampleSpec(m.get("sampler"), m.get("steps"), m.get("cfg_scale"), drop=drop).resolve(b.meta)
         times = time_sampling(b, spec, seeds, repeats, warmup)
         rows.append(dict(method=name, path=str(b.root), view=view, sampler=spec.sampler,

@@ -17,7 +17,7 @@ from . import synth, synthbench
 from .config import save_config
 from .models import FlgError
 from .runs import setup_torch, write_json
-from .sampling import SampleSpec, load_bundle, require_encoder, sample_seeds, save_video
+from .sampling import SampleSpec, load_bundle, require_encoder, sample_seeds, save_video, view_drop
 
 
 @dataclass
@@ -98,11 +98,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         clips, specs = load_clip_folder(cfg.clips)
     else:
         bundle = require_encoder(load_bundle(cfg.model, device=cfg.device), cfg.model)
-        if cfg.view not in ("full", "drop"):
-            raise FlgError(f"view must be 'full' or 'drop', got {cfg.view!r}")
-        if cfg.view == "drop" and "drop" not in bundle.meta:
-            raise FlgError(f"{cfg.model} has no saved drop set (view=drop needs a Stage-II model)")
-        drop = list(cfg.drop) or (bundle.meta["drop"] if cfg.view == "drop" else [])
+        saved = view_drop(bundle, cfg.view, cfg.model)  # checks the view even when drop=[...] is given
+        drop = list(cfg.drop) or saved
         spec = SampleSpec(cfg.sampler, cfg.steps, cfg.cfg, cfg.shift, cfg.sigmas, drop).resolve(bundle.meta)
         t0 = time.time()
         clips, specs = sample_seeds(bundle, spec, synth.heldout_seeds(cfg.n, cfg.seed_offset), cfg.batch_size)

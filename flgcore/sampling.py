@@ -98,6 +98,15 @@ def require_encoder(bundle: Bundle, name: str | Path) -> Bundle:
     return bundle
 
 
+def view_drop(bundle: Bundle, view: str, name) -> list[int]:
+    """The blocks a view skips: none for "full", a Stage-II model's saved drop set for "drop"."""
+    if view not in ("full", "drop"):
+        raise FlgError(f"view must be 'full' or 'drop', got {view!r}")
+    if view == "drop" and "drop" not in bundle.meta:
+        raise FlgError(f"{name} has no saved drop set (view=drop needs a Stage-II model)")
+    return list(bundle.meta["drop"]) if view == "drop" else []
+
+
 @dataclass
 class SampleSpec:
     """How to sample: None fields fall back to the model's saved schedule."""
