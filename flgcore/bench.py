@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import synth
 from .config import save_config
-from .models import FlgError
+from .config import FlgError
 from .runs import write_json
 from .sampling import Bundle, SampleSpec, load_bundle, require_encoder, sample_batch, view_drop
 from .surgery import blocks

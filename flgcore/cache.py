@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from .config import save_config
-from .models import FlgError
+from .config import FlgError
 from .runs import write_json
 
 

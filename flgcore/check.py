@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from .config import load_config
-from .models import BUILTIN, FAMILIES, FlgError, check_attention
+from .models import BUILTIN, FAMILIES, check_attention
+from .config import FlgError
 from .runs import check_precision
 from .surgery import check_compile
 

@@ -19,7 +19,7 @@ STAGE_FLAGS = {"--gpu"}  # options without a value
 def _as_overrides(args: list[str]) -> list[str]:
     """Rewrite `--key value` / `--key=value` into `key=value` (keeping a stage's own options), so that
     `flg eval --model synth-tiny --n 256` and `flg eval model=synth-tiny n=256` mean the same."""
-    from .models import FlgError
+    from .config import FlgError
     out, i = [], 0
     while i < len(args):
         a = args[i]
@@ -48,7 +48,7 @@ def _as_overrides(args: list[str]) -> list[str]:
 
 
 def _ints(text: str) -> list[int]:
-    from .models import FlgError
+    from .config import FlgError
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
@@ -63,7 +63,8 @@ def cmd_blocks(a):
 
 def cmd_prune(a):
     import torch
-    from .models import FlgError, load_model, load_transformer
+    from .models import load_model, load_transformer
+    from .config import FlgError
     from .surgery import blocks, complement, prune, retention_of, skipping
     model = load_model(a.model)
     if (a.keep is None) == (a.drop is None):
@@ -141,7 +142,7 @@ def cmd_bench(a):
 
 def cmd_notebooks(a):
     import yaml
-    from .models import FlgError
+    from .config import FlgError
     from .notebooks import run_label, run_notebooks
     params = {}
     for kv in a.param or []:
@@ -168,7 +169,7 @@ def cmd_cache(a):
 def cmd_check(a):
     from .check import check_stage
     from .config import to_dict
-    from .models import FlgError
+    from .config import FlgError
     cfg, problems = check_stage(a.stage, a.config, a.overrides, a.gpus)
     for p in problems:
         print(f"  - {p}")
@@ -192,7 +193,7 @@ def cmd_compare(a):
 
 def main(argv: list[str] | None = None) -> int:
     global _tore_down_group
-    from .models import FlgError
+    from .config import FlgError
     p = argparse.ArgumentParser(prog="flg", description="FastLightGen: fast, light video DiTs (flgcore)")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -14,7 +14,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .models import FlgError
+
+
+class FlgError(ValueError):
+    """A user-facing error: the CLI prints its message as one line, without a traceback."""
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:

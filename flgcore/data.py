@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from . import synth
-from .models import Cond, FlgError
+from .models import Cond
+from .config import FlgError
 
 TEXT_FIELDS = {"prompt_embeds": "text", "prompt_mask": "text_mask", "pooled": "pooled"}
 IMAGE_FIELDS = {"image_latents": "image", "image_embeds": "image_embeds"}

@@ -15,7 +15,7 @@ import torch
 
 from . import synth, synthbench
 from .config import save_config
-from .models import FlgError
+from .config import FlgError
 from .runs import setup_torch, write_json
 from .sampling import SampleSpec, load_bundle, require_encoder, sample_seeds, save_video, view_drop
 

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from . import flow
 from .config import save_config
-from .models import Cond, FlgError, check_attention, set_attention, velocity
+from .models import Cond, check_attention, set_attention, velocity
+from .config import FlgError
 from .runs import autocast, setup_torch, write_json
 from .surgery import (blocks, checkpoint_blocks, checkpoint_share, checkpointed, compile_blocks, complement, prune,
                       set_checkpointing, skipping)

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from . import flow, synth
 from .config import save_config
 from .data import LatentCache
-from .models import FlgError, family_of, to_device, velocity
+from .models import family_of, to_device, velocity
+from .config import FlgError
 from .runs import check_precision, setup_torch, write_json
 from .surgery import blocks, check_retention, retention_of, select_keep, skipping
 

@@ -15,12 +15,10 @@ from pathlib import Path
 import torch
 import diffusers
 
+from .config import FlgError
+
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN = {"synth-tiny": ASSETS / "synth-tiny"}
-
-
-class FlgError(ValueError):
-    """A user-facing error: the CLI prints its message as one line, without a traceback."""
 
 
 @dataclass(frozen=True)

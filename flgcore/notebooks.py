@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .models import FlgError
+from .config import FlgError
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 

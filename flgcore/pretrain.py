@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import flow, synth
 from .config import save_config
-from .models import FlgError, to_device, velocity
+from .models import to_device, velocity
+from .config import FlgError
 from .runs import (check_same_run, setup_torch, append_jsonl, ema_update, latest_checkpoint, load_checkpoint,
                    resume_train_state, save_train_state, warmup_cosine, write_json)
 

@@ -17,7 +17,8 @@ import torch
 from . import flow, synth
 from .config import from_dict, to_dict
 from .importance import scoring_bundle  # noqa: F401  (notebook 01 loads its model as Stage I does)
-from .models import FlgError, fingerprint
+from .models import fingerprint
+from .config import FlgError
 from .runs import read_json, write_json
 
 # the paper's Fig. 1 score (mean of dynamic degree, aesthetic and imaging quality), in SynthBench analogues:
@@ -314,7 +315,7 @@ def best_value(table: pd.DataFrame | str | Path, key: str) -> float:
     (the untrained skip baseline) are ignored. The paper chose its alpha = 1 from Table 4 and its beta1 from
     Table 5 the same way; on a testbed where another value wins, the later ablations should start from that
     one rather than from a collapsed model."""
-    from .models import FlgError
+    from .config import FlgError
     if not isinstance(table, pd.DataFrame):
         if not Path(table).is_file():
             raise FlgError(f"{table} not found: run the notebook that writes it first, or pass {key} explicitly")

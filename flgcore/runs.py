@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import FlgError
+from .config import FlgError
 
 
 def _umask() -> int:

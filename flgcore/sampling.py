@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import flow, synth
-from .models import BUILTIN, FlgError, load_transformer, to_device, velocity_cfg
+from .models import BUILTIN, load_transformer, to_device, velocity_cfg
+from .config import FlgError
 from .surgery import skipping
 
 

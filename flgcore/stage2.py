@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from . import flow, zero
 from .data import training_source
 from .config import save_config
-from .models import FlgError, check_attention, set_attention, to_device, velocity
+from .models import check_attention, set_attention, to_device, velocity
+from .config import FlgError
 from .pretrain import export_model, sample_sigmas
 from .runs import (autocast, check_precision, check_same_run, setup_torch, append_jsonl, ema_update, finished,
                    read_json, resume_train_state, save_train_state, warmup_cosine, write_json)

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from . import flow, synth, zero
 from .config import save_config
 from .data import condition_source
-from .models import FlgError, cat_conds, check_attention, family_of, set_attention, to_device, velocity
+from .models import cat_conds, check_attention, family_of, set_attention, to_device, velocity
+from .config import FlgError
 from .pretrain import export_model, pretrain_loss, sample_sigmas
 from .runs import (autocast, check_precision, check_same_run, setup_torch, append_jsonl, finished, resume_train_state,
                    save_train_state, warmup_cosine, write_json)

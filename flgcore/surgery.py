@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from .models import FlgError, family_of
+from .models import family_of
+from .config import FlgError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import Cond, FlgError
+from .models import Cond
+from .config import FlgError
 
 COLORS = {  # RGB in [0, 1]
     "red": (0.90, 0.15, 0.15), "green": (0.20, 0.80, 0.25), "blue": (0.25, 0.40, 0.95),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .models import FlgError
+from .config import FlgError
 
 I2V_DIMENSIONS = ["i2v_subject", "i2v_background", "subject_consistency", "background_consistency",
                   "motion_smoothness", "dynamic_degree", "aesthetic_quality", "imaging_quality", "temporal_flickering"]

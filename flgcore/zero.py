@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import Cond, FlgError
+from .models import Cond
+from .config import FlgError
 
 
 def world() -> tuple[int, int, int]:

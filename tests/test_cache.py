@@ -8,7 +8,7 @@ import torch
 from flgcore import synth
 from flgcore.cache import CacheConfig, open_encoder, read_clip, run_cache, write_tiny_pipeline
 from flgcore.data import LatentCache
-from flgcore.models import FlgError
+from flgcore.config import FlgError
 
 FRAMES = 9  # 4k+1 for the Wan VAE
 

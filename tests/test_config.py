@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 from flgcore.config import load_config, save_config, to_dict
-from flgcore.models import FlgError
+from flgcore.config import FlgError
 from flgcore.pretrain import PretrainConfig
 
 

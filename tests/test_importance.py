@@ -85,7 +85,7 @@ def test_stage1_run_writes_its_tables(tiny_bundle_dir, tmp_path, method):
 
 
 def test_stage1_bad_values_are_refused(tiny_bundle_dir, tmp_path):
-    from flgcore.models import FlgError
+    from flgcore.config import FlgError
     with pytest.raises(FlgError, match="retention"):
         run_stage1(Stage1Config(model=str(tiny_bundle_dir), out=str(tmp_path), retention=1.5))
     with pytest.raises(FlgError, match="method"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from flgcore.cli import main
-from flgcore.models import FlgError, load_transformer, tiny_model
+from flgcore.models import load_transformer, tiny_model
+from flgcore.config import FlgError
 
 
 def test_unsupported_directory_names_what_was_found(tmp_path):

@@ -70,7 +70,7 @@ def test_every_notebook_runs_end_to_end(tmp_path):
 
 def test_later_notebooks_start_from_the_best_alpha_of_notebook_02(tmp_path):
     import pandas as pd
-    from flgcore.models import FlgError
+    from flgcore.config import FlgError
     from flgcore.report import best_stage2_model, best_value
     table = pd.DataFrame({"average": [0.9, 0.10, 0.26, 0.01]}, index=["skip, untrained", 0.0, 0.5, 1.0])
     assert best_value(table, "alpha") == 0.5  # the untrained baseline row is not an alpha

@@ -6,7 +6,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from flgcore import report
-from flgcore.models import FlgError, fingerprint
+from flgcore.models import fingerprint
+from flgcore.config import FlgError
 
 
 def _perturb(model_dir):

@@ -10,7 +10,8 @@ from flgcore import synth
 from flgcore.cli import main
 from flgcore.config import load_config
 from flgcore.evaluate import EvalConfig, run_eval
-from flgcore.models import FlgError, tiny_model
+from flgcore.models import tiny_model
+from flgcore.config import FlgError
 from flgcore.pretrain import PretrainConfig, run_pretrain
 from flgcore.sampling import SampleSpec, load_bundle, sample_seeds
 

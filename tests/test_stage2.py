@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from flgcore.evaluate import EvalConfig, run_eval
-from flgcore.models import FlgError, load_transformer
+from flgcore.models import load_transformer
+from flgcore.config import FlgError
 from flgcore.stage2 import Stage2Config, draw_drop, run_stage2, stage2_loss
 
 

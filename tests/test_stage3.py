@@ -9,7 +9,8 @@ import torch
 
 from flgcore import flow, synth
 from flgcore.bench import BenchConfig, run_bench
-from flgcore.models import FlgError, load_transformer, tiny_model, velocity
+from flgcore.models import load_transformer, tiny_model, velocity
+from flgcore.config import FlgError
 from flgcore.pretrain import pretrain_loss
 from flgcore.runs import latest_checkpoint, load_checkpoint
 from flgcore.sampling import SampleSpec, load_bundle, sample_batch

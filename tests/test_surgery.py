@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from flgcore.models import FlgError, load_transformer, probe_inputs, velocity
+from flgcore.models import load_transformer, probe_inputs, velocity
+from flgcore.config import FlgError
 from flgcore.surgery import (block_table, blocks, checkpointed, compile_blocks, complement, prune, retention_of,
                              select_keep, set_checkpointing, skipping)
 

@@ -121,7 +121,7 @@ def _clip_table(seeds, rng, shift=0.0):
 
 def test_paired_difference_of_two_evaluations():
     from flgcore.evaluate import paired_difference
-    from flgcore.models import FlgError
+    from flgcore.config import FlgError
     rng = np.random.default_rng(0)
     a = _clip_table(range(200), rng)
     b = a.copy()
