@@ -102,8 +102,8 @@ RUNTIME_FIELDS = {"out", "threads", "device", "workers", "compile", "attention",
 
 def check_same_run(cfg, run_dir: str | Path) -> None:
     """Refuse to resume (or reuse) a run folder whose checkpoints were made under another config: the resumed
-    weights, optimiser and schedule would silently belong to the old one (session 21: a teacher run resumed at
-    step 4300 of a finished cosine under a new `steps`)."""
+    weights, optimiser and schedule would silently belong to the old one (a run resumed under a new `steps`
+    would continue a cosine schedule that had already finished)."""
     import yaml
     from .config import to_dict
     out = Path(run_dir)

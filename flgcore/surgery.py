@@ -202,7 +202,7 @@ def compile_blocks(model, on: bool = True, **kwargs) -> int:
     `compile_repeated_blocks` does, but over every block group this package knows). Blocks of one class
     share their compiled graphs (parameters are graph inputs), so a model costs a few compiles (one per grad
     mode for Wan), the skip views of Stage II need no recompilation, and state-dict keys do not change.
-    Fusing each block's norms, modulation and RoPE is the usual lever for training MFU on a GPU (#7).
+    Fusing each block's norms, modulation and RoPE is the usual lever for training MFU on a GPU.
     A copy (`prune`, `copy.deepcopy`) comes out uncompiled: nn.Module drops the compiled call when copied.
     `kwargs` go to `torch.compile`; `on=False` undoes it. Returns the number of blocks compiled."""
     bs = blocks(model)
