@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every number of REPRODUCTION.md's testbed rows for Stages I-III, on the shipped teacher, on this 2-core CPU
+# Every number of REPRODUCTION.md's testbed rows for Stages I-III, on the shipped teacher, on a 2-core CPU
 # (~2 h: each lane trains a 2000-step Stage II): Stage I, then two lanes of one thread each, side by side.
 # Logs and run folders under runs/.
 #

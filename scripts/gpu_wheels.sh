@@ -1,11 +1,12 @@
 #!/bin/bash
-# Fill .whl/ (git-ignored) with the wheels the device image lacks, for Python 3.12 on x86_64 Linux: diffusers
-# for every stage, and papermill with a Jupyter kernel for `flg notebooks run`. The device image already has
-# torch, peft, pandas, matplotlib, seaborn, safetensors, tqdm, pyyaml and requests (see
-# ../.library/device/KINDS.md); it has no imageio-ffmpeg (30 MB), so sample videos there come as gif and png.
-# Versions are the ones in this checkout's .venv, so the device runs what the tests ran.
+# For a GPU machine without internet that has torch (and peft, pandas, matplotlib, seaborn, safetensors, tqdm,
+# pyyaml, requests) but not the rest: fill .whl/ (git-ignored) with the wheels it lacks, for Python 3.12 on x86_64
+# Linux: diffusers for every stage, and papermill with a Jupyter kernel for `flg notebooks run`. The versions are
+# this checkout's .venv's, so the GPU machine runs what the tests ran. Without imageio-ffmpeg there, sample videos
+# come as gif and png.
 #
-#   bash scripts/device_wheels.sh          # then: run(..., carry=[".whl"]); the scripts install them first
+#   bash scripts/gpu_wheels.sh      # here; copy the checkout with .whl/ to the GPU machine: gpu_teacher.sh and
+#                                   # gpu_notebooks.sh install the wheels first when diffusers is missing
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
