@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import synth
-from .config import save_config
+from .config import check_values, save_config
 from .config import FlgError
 from .runs import write_json
 from .sampling import Bundle, SampleSpec, load_bundle, require_encoder, sample_batch, view_drop
@@ -92,6 +92,7 @@ def time_methods(methods: dict[str, dict], n: int = 16, repeats: int = 5, warmup
 
 
 def run_bench(cfg: BenchConfig) -> dict:
+    check_values(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     teacher, student = (require_encoder(load_bundle(m, device=cfg.device), m) for m in (cfg.teacher, cfg.student))

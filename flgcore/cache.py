@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import save_config
+from .config import check_values, save_config
 from .config import FlgError
 from .runs import write_json
 
@@ -56,7 +56,11 @@ def read_manifest(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise FlgError(f"manifest not found: {p}")
-    df = pd.read_json(p, lines=True) if p.suffix in (".jsonl", ".json") else pd.read_csv(p, keep_default_na=False)
+    try:
+        df = pd.read_json(p, lines=True) if p.suffix in (".jsonl", ".json") else pd.read_csv(p, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' parser and empty-data errors are ValueErrors
+        raise FlgError(f"manifest {p}: cannot be read as {'JSONL' if p.suffix in ('.jsonl', '.json') else 'CSV'} "
+                       f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     missing = {"video", "caption"} - set(df.columns)
     if missing:
         raise FlgError(f"manifest {p}: missing column(s) {', '.join(sorted(missing))} (need video,caption)")
@@ -191,18 +195,28 @@ class HunyuanEncoder(WanEncoder):
         return item
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlgError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise FlgError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def open_encoder(cfg: CacheConfig) -> WanEncoder:
     """The family's encoder for a pipeline directory; the transformer's weights are never loaded."""
     root = Path(cfg.pipeline)
     index = root / "model_index.json"
     if not index.is_file():
         raise FlgError(f"pipeline={cfg.pipeline!r}: no model_index.json (give a local diffusers pipeline directory)")
-    index_cfg = json.loads(index.read_text())
+    index_cfg = _read_json(index)
     name = index_cfg.get("_class_name", "")
     tcfg_path = root / "transformer" / "config.json"
     if not tcfg_path.is_file():
         raise FlgError(f"{root}: transformer/config.json is missing (needed to know the conditioning)")
-    tcfg = json.loads(tcfg_path.read_text())
+    tcfg = _read_json(tcfg_path)
     ti2v = name.startswith("Wan") and bool(index_cfg.get("expand_timesteps"))
     if name not in ("WanPipeline", "WanImageToVideoPipeline", "HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"):
         raise FlgError(f"{root}: flg cache supports the Wan and HunyuanVideo (T2V, I2V) pipelines; got {name!r}")
@@ -257,6 +271,7 @@ def _write_shard(path: Path, items: list[dict], names: list[str]) -> None:
 
 
 def run_cache(cfg: CacheConfig) -> dict:
+    check_values(cfg)
     if cfg.shard_size < 1 or cfg.frames < 1 or cfg.frame_stride < 1:
         raise FlgError("shard_size, frames and frame_stride must be >= 1")
     rows = read_manifest(cfg.manifest)

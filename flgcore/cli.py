@@ -47,12 +47,21 @@ def _as_overrides(args: list[str]) -> list[str]:
     return out
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, what: str = "block indices") -> list[int]:
     from .config import FlgError
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise FlgError(f"expected comma-separated block indices, got {text!r}") from None
+        raise FlgError(f"expected comma-separated {what}, got {text!r}") from None
+
+
+def _config(cls, a):
+    """A stage's config from --config and the overrides, every value and input path checked before the stage
+    writes anything (`load_config` leaves the paths to the stage, for `flg check`)."""
+    from .config import check_values, load_config
+    cfg = load_config(cls, a.config, a.overrides)
+    check_values(cfg)
+    return cfg
 
 
 def cmd_blocks(a):
@@ -64,8 +73,9 @@ def cmd_blocks(a):
 def cmd_prune(a):
     import torch
     from .models import load_model, load_transformer
-    from .config import FlgError
+    from .config import FlgError, check_values
     from .surgery import blocks, complement, prune, retention_of, skipping
+    check_values(dict(out=a.out))
     model = load_model(a.model)
     if (a.keep is None) == (a.drop is None):
         raise FlgError("give exactly one of --keep or --drop")
@@ -86,9 +96,10 @@ def cmd_prune(a):
 
 
 def cmd_pretrain(a):
-    from .config import load_config
     from .pretrain import PretrainConfig, export_checkpoint, run_pretrain
-    cfg = load_config(PretrainConfig, a.config, a.overrides)
+    from .config import check_values
+    cfg = _config(PretrainConfig, a)
+    check_values(dict(out=a.export_to))  # the export's folder, by the rule of a run's `out`
     print(export_checkpoint(cfg, a.export_to) if a.export_to else run_pretrain(cfg))
 
 
@@ -96,13 +107,19 @@ def cmd_sample(a):
     import numpy as np
     import torch
     from . import synth
+    from .config import check_values
     from .sampling import SampleSpec, load_bundle, load_image, require_encoder, sample_batch, save_video
+    from .surgery import check_indices
+    seeds, drop = _ints(a.seed, "seeds"), _ints(a.drop) if a.drop else []
+    check_values(dict(seed=seeds, steps=a.steps, cfg=a.cfg, drop=drop, out=a.out))
+    first_image = load_image(a.image) if a.image else None
     bundle = require_encoder(load_bundle(a.model), a.model)
-    spec = SampleSpec(a.sampler, a.steps, a.cfg, None, None, _ints(a.drop) if a.drop else []).resolve(bundle.meta)
+    spec = SampleSpec(a.sampler, a.steps, a.cfg, None, None, drop).resolve(bundle.meta)
+    check_indices(bundle.model, drop, "dropped block index")
     out = Path(a.out)
-    for seed in _ints(a.seed):
+    for seed in seeds:
         clip_spec = synth.clip_spec(seed)
-        first = load_image(a.image) if a.image else torch.from_numpy(synth.render(clip_spec, frames=1)[:, 0])
+        first = first_image if a.image else torch.from_numpy(synth.render(clip_spec, frames=1)[:, 0])
         caption = a.caption if a.caption is not None else clip_spec.caption
         bundle.encoder.encode([caption])  # refuse unknown words before sampling
         clip = sample_batch(bundle, spec, first[None], [caption], [seed])[0]
@@ -113,43 +130,43 @@ def cmd_sample(a):
 
 
 def cmd_stage1(a):
-    from .config import load_config
     from .importance import Stage1Config, run_stage1
-    run_stage1(load_config(Stage1Config, a.config, a.overrides))
+    run_stage1(_config(Stage1Config, a))
 
 
 def cmd_stage2(a):
-    from .config import load_config
     from .stage2 import Stage2Config, run_stage2
-    print(run_stage2(load_config(Stage2Config, a.config, a.overrides)))
+    print(run_stage2(_config(Stage2Config, a)))
 
 
 def cmd_stage3(a):
-    from .config import load_config
     from .stage3 import Stage3Config, run_stage3
-    print(run_stage3(load_config(Stage3Config, a.config, a.overrides)))
+    print(run_stage3(_config(Stage3Config, a)))
 
 
 def cmd_bench(a):
-    from .config import load_config
     if a.gpu:
         from .gpubench import GpuBenchConfig, run_gpu_bench
-        run_gpu_bench(load_config(GpuBenchConfig, a.config, a.overrides))
+        run_gpu_bench(_config(GpuBenchConfig, a))
         return
     from .bench import BenchConfig, run_bench
-    run_bench(load_config(BenchConfig, a.config, a.overrides))
+    run_bench(_config(BenchConfig, a))
 
 
 def cmd_notebooks(a):
     import yaml
-    from .config import FlgError
+    from .config import FlgError, check_values
     from .notebooks import run_label, run_notebooks
     params = {}
     for kv in a.param or []:
         if "=" not in kv:
             raise FlgError(f"-p expects key=value, got {kv!r}")
         k, v = kv.split("=", 1)
-        params[k] = yaml.safe_load(v)
+        try:
+            params[k] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise FlgError(f"-p {kv}: the value is not valid YAML") from None
+    check_values(dict(params, out=a.out))  # named like the config fields, so checked by the same rules
     status = run_notebooks(a.profile, a.only, params, a.out, a.force)
     width = max(map(len, status))
     for name, st in status.items():
@@ -162,8 +179,7 @@ def cmd_notebooks(a):
 
 def cmd_cache(a):
     from .cache import CacheConfig, run_cache
-    from .config import load_config
-    run_cache(load_config(CacheConfig, a.config, a.overrides))
+    run_cache(_config(CacheConfig, a))
 
 
 def cmd_check(a):
@@ -180,21 +196,31 @@ def cmd_check(a):
 
 
 def cmd_eval(a):
-    from .config import load_config
     from .evaluate import EvalConfig, run_eval
-    run_eval(load_config(EvalConfig, a.config, a.overrides))
+    run_eval(_config(EvalConfig, a))
 
 
 def cmd_compare(a):
+    from .config import check_values
     from .evaluate import paired_difference, read_clips
+    check_values(dict(boot=a.boot))
+    table = paired_difference(read_clips(a.a), read_clips(a.b), a.boot)
     print(f"a = {a.a}\nb = {a.b}")
-    print(paired_difference(read_clips(a.a), read_clips(a.b), a.boot).round(4).to_string())
+    print(table.round(4).to_string())
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too, with argparse's exit status (2), instead of the usage text."""
+
+    def error(self, message):
+        from .config import FlgError
+        raise FlgError(f"{message} (see {self.prog} -h)")
 
 
 def main(argv: list[str] | None = None) -> int:
     global _tore_down_group
     from .config import FlgError
-    p = argparse.ArgumentParser(prog="flg", description="FastLightGen: fast, light video DiTs (flgcore)")
+    p = _Parser(prog="flg", description="FastLightGen: fast, light video DiTs (flgcore)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("blocks", help="print a model's block table")
@@ -277,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
     except FlgError as e:
         print(f"flg: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        # a path given on the command line that a check above did not reach: still bad input, in one line
+        print(f"flg: error: {e.strerror}: {e.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flg: interrupted", file=sys.stderr)

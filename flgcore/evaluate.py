@@ -6,6 +6,7 @@ folder, and prints the table. The drop view of a Stage-II model is evaluated wit
 from __future__ import annotations
 
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pandas as pd
 import torch
 
 from . import synth, synthbench
-from .config import save_config
+from .config import check_values, save_config
 from .config import FlgError
 from .runs import setup_torch, write_json
 from .sampling import SampleSpec, load_bundle, require_encoder, sample_seeds, save_video, view_drop
@@ -52,7 +53,14 @@ def read_clips(run: str | Path) -> pd.DataFrame:
     path = Path(run) / "clips.csv" if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise FlgError(f"{run}: no clips.csv (pass an `flg eval` run folder)")
-    return pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' parser and empty-data errors are ValueErrors
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FlgError(f"{path}: not a readable CSV ({why})") from None
+    if "seed" not in df.columns:
+        raise FlgError(f"{path}: no 'seed' column (not the clips.csv of an `flg eval` run)")
+    return df
 
 
 def paired_difference(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
@@ -82,13 +90,18 @@ def load_clip_folder(folder: str | Path) -> tuple[torch.Tensor, list[synth.ClipS
         raise FlgError(f"{folder}: no .npz clips found (write them with `flg sample --out {folder}`)")
     clips, specs = [], []
     for f in files:
-        d = np.load(f)
-        clips.append(torch.from_numpy(d["clip"]))
-        specs.append(synth.clip_spec(int(d["seed"])))
+        try:
+            d = np.load(f)
+            clips.append(torch.from_numpy(d["clip"]))
+            specs.append(synth.clip_spec(int(d["seed"])))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, or not `flg sample`'s
+            raise FlgError(f"{f}: not a clip written by `flg sample` ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return torch.stack(clips), specs
 
 
 def run_eval(cfg: EvalConfig) -> dict:
+    check_values(cfg)
     setup_torch(cfg.threads, cfg.device)
     if cfg.n < 1:
         raise FlgError(f"n must be >= 1, got {cfg.n}")
