@@ -18,7 +18,7 @@ import diffusers
 from .config import FlgError
 
 ASSETS = Path(__file__).parent / "assets"
-BUILTIN = {"synth-tiny": ASSETS / "synth-tiny"}
+BUILTIN = {"synth-tiny": ASSETS / "synth-tiny", "synth-tiny-student": ASSETS / "synth-tiny-student"}
 
 
 @dataclass(frozen=True)
