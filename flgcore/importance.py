@@ -122,6 +122,53 @@ def skip_each(model, x, s, cond, active: list[int] | None = None, reuse: bool = 
     return out, v_active
 
 
+def capture_blocks(model, x, s, cond, store: str | None = None) -> tuple[dict, torch.Tensor]:
+    """The full model's velocity and every block's output ({block index: output}): the prefixes that
+    `skip_set_velocity` replays. `store` as in `skip_each`."""
+    stored = {}
+    hooks = [b.module.register_forward_hook(lambda m, a, o, i=b.index: stored.__setitem__(i, _moved(o, store)))
+             for b in blocks(model)]
+    try:
+        with torch.no_grad():
+            v_full = velocity(model, x, s, cond)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stored, v_full
+
+
+def skip_set_velocity(model, x, s, cond, drop: list[int], captured: dict) -> torch.Tensor:
+    """Velocity with every block in `drop` skipped at once. The blocks before the first dropped one are the
+    full model's: their output is replayed from `captured` (`capture_blocks` on the same inputs), so only the
+    kept blocks after it run."""
+    mods = {b.index: b.module for b in blocks(model)}
+    drop = set(drop)
+    first = min(drop, default=len(mods))
+    prefix = [_Replay(_moved(captured[first - 1], x.device))] if first > 0 else []
+    with torch.no_grad(), _block_sequence(model, prefix + [mods[j] for j in sorted(mods) if j > first and j not in drop]):
+        return velocity(model, x, s, cond)
+
+
+def set_errors(model, batches, drop: list[int], cache: dict | None = None, store: str | None = None) -> pd.DataFrame:
+    """Eq. 3 (output error vs the full model) and Eq. 4 (Tweedie x0 error) per sample of skipping the whole set
+    `drop`: one row per sample (sigma, eq3, eq4). `cache` (a dict kept between calls) holds each batch's noised
+    input, full-model velocity and block outputs, which do not depend on `drop`: a later call runs only the
+    kept blocks after the first dropped one."""
+    cache = {} if cache is None else cache
+    device = next(model.parameters()).device
+    rows = []
+    for k, batch in enumerate(batches):
+        if k not in cache:
+            x0, cond, eps, s = to_device(device, *batch)
+            x_s = flow.add_noise(x0, eps, s)
+            cache[k] = (x0, cond, s, x_s, *capture_blocks(model, x_s, s, cond, store))
+        x0, cond, s, x_s, captured, v_full = cache[k]
+        v = v_full if not drop else skip_set_velocity(model, x_s, s, cond, drop, captured)
+        e3, e4 = eq3_error(v.float(), v_full.float()), eq4_error(x_s.float(), s, v.float(), x0.float())
+        rows += [dict(sigma=float(sg), eq3=float(a), eq4=float(b)) for sg, a, b in zip(s.tolist(), e3, e4)]
+    return pd.DataFrame(rows)
+
+
 @contextmanager
 def count_block_calls(model):
     """Count block forward calls (a _Replay is not a block and is not counted)."""
@@ -263,10 +310,11 @@ def iterative_selection(model, batches, retention: float, objective: str = "eq4"
 
 
 def plot_importance(summary: pd.DataFrame, path: Path, title: str = "Block importance (Eq. 4)") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    """The importance curve as PNG and PDF. An explicit Figure (no pyplot): a library call must not change the
+    kernel's plotting backend or leave a figure open for a notebook to show."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
     for g, d in summary.groupby("group"):
         ax.errorbar(d.block, d.importance, yerr=2 * d.se, marker="o", ms=4, capsize=2, label=g)
     ax.set_xlabel("block index")
@@ -278,7 +326,6 @@ def plot_importance(summary: pd.DataFrame, path: Path, title: str = "Block impor
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(path.with_suffix(f".{ext}"), dpi=150)
-    plt.close(fig)
 
 
 def run_stage1(cfg: Stage1Config) -> dict:
