@@ -43,6 +43,28 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 
 
+def repo_root(start: Path | None = None) -> Path:
+    """The repository a notebook belongs to: the nearest folder at or above `start` (the working directory) holding
+    notebooks/ and pyproject.toml (a copy of the repo is its own), else the one this package was installed from;
+    with neither (an installed package run elsewhere), `start` itself."""
+    here = Path(start or Path.cwd()).resolve()
+    return next((p for p in (here, *here.parents) if (p / "notebooks").is_dir() and (p / "pyproject.toml").is_file()),
+                NOTEBOOK_DIR.parent if NOTEBOOK_DIR.is_dir() else here)
+
+
+def at_repo_root() -> Path:
+    """Make `repo_root()` the working directory, so that a notebook's relative paths (runs/, figures/) are the
+    repo's whichever folder its kernel starts in (JupyterLab starts it in notebooks/, and wrote runs there)."""
+    import os
+    root = repo_root()
+    os.chdir(root)
+    return root
+
+
+# parameters that name files or folders (made absolute by `run_notebooks` when the notebooks' folder is not here)
+PATH_PARAMETERS = ("model", "data", "stage1_run", "stage2_model")
+
+
 def parameters_of(path: Path) -> dict:
     import papermill as pm
     return {k: v["default"] for k, v in pm.inspect_notebook(str(path)).items()}
@@ -114,6 +136,12 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
     label = run_label(profile, model)
     import torch
     params = dict(params or {})
+    figures = Path("figures")
+    if repo_root() != Path.cwd().resolve():  # the notebooks work from the repo root (`at_repo_root`), not from here:
+        for k in PATH_PARAMETERS:  # paths relative to here would not resolve there
+            if isinstance(params.get(k), str) and params[k] and Path(params[k]).exists():
+                params[k] = str(Path(params[k]).resolve())
+        out, figures = Path(out).resolve(), figures.resolve()
     params.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # every stage and eval runs there
     # a sweep's runs at once: the tiny testbed model leaves most of a GPU idle; on a CPU they would only
     # compete for the same cores
@@ -129,7 +157,7 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
         p = dict(PROFILES[profile].get(name, {}), **params)
         p = {k: v for k, v in p.items() if k in defaults}  # -p applies to the notebooks that have the name
         # only the shipped teacher's full profile regenerates the committed figures/
-        p.update(out=str(run_dir), figures="figures" if label == "full" else str(run_dir / "figures"),
+        p.update(out=str(run_dir), figures=str(figures) if label == "full" else str(run_dir / "figures"),
                  runs_root=str(Path(out) / label))
         executed = run_dir / f"{name}.ipynb"
         if not force and _done(executed, p, src):
