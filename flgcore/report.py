@@ -17,6 +17,8 @@ import torch
 from . import flow, synth
 from .config import from_dict, to_dict
 from .importance import scoring_bundle  # noqa: F401  (notebook 01 loads its model as Stage I does)
+from .explorer import explorer  # noqa: F401  (the layer-importance explorer, usable in any notebook)
+from .notebooks import at_repo_root  # noqa: F401  (every notebook's first code cell)
 from .models import fingerprint
 from .config import FlgError
 from .runs import read_json, write_json
