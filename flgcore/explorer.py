@@ -39,7 +39,7 @@ def explorer(model, data: str = "synth", stage1: str | Path | None = None, n: in
              sigmas: list[float] | None = None, seed: int = 2, batch_size: int = 16,
              clip_seeds=(2000000000, 2000000001), clip_steps: int = 8, cfg_scale: float | None = None,
              skip=(), steps: int = 4, retention: float | None = None, out: str | Path = "runs/explorer",
-             debounce: float = 0.3, device: str = "cpu", precision: str = "fp32") -> "Explorer":
+             debounce: float = 0.3, device: str = "cpu", precision: str = "fp32") -> Explorer:
     """The explorer for `model` (a loaded Bundle, "synth-tiny" or a model/checkpoint directory).
 
     stage1: a Stage-I run folder whose importance tables (and draws, for the iterative choice) it shows; None
@@ -199,31 +199,33 @@ class Explorer:
                 self._real = self._decode(cache.items(index)[0])
         return self._real
 
-    def strip(self, drop: list[int]) -> np.ndarray:
-        """The clip strip as one RGB image: rows real / full / skip view, clips side by side, frames in a row."""
+    def strip(self, drop: list[int], width: int = 800, frames: int = 8) -> np.ndarray:
+        """The clip strip as one RGB image: per clip, rows real / full / skip view of `frames` evenly spaced
+        frames, scaled to `width` pixels (tiny testbed frames enlarged, a real checkpoint's reduced)."""
         from PIL import Image, ImageDraw, ImageFont
         from .sampling import to_uint8
         rows = [("real", self.real()), ("full", self.clips([])), ("skip view", self.clips(drop))]
-        pad, label = 4, 70
-        scale = max(1, 128 // self.real().shape[-1])
-        imgs = [[to_uint8(c, scale) for c in clips] for _, clips in rows]
-        cell = [np.concatenate(list(f), axis=1) for f in imgs[0]]
-        h, w = cell[0].shape[0], sum(c.shape[1] for c in cell) + pad * (len(cell) - 1)
-        canvas = np.full((len(rows) * (h + pad) + pad, label + w + pad, 3), 255, np.uint8)
-        for r, clips in enumerate(imgs):
-            x = label
-            for f in clips:
-                c = np.concatenate(list(f), axis=1)
-                canvas[pad + r * (h + pad):pad + r * (h + pad) + h, x:x + c.shape[1]] = c
-                x += c.shape[1] + pad
-        img = Image.fromarray(canvas)
+        n_frames = rows[0][1].shape[2]
+        shown = np.unique(np.linspace(0, n_frames - 1, min(frames, n_frames)).round().astype(int))
+        lines = [(name, np.concatenate(list(to_uint8(clips[j][:, shown], 1)), axis=1))
+                 for j in range(len(rows[0][1])) for name, clips in rows]
+        h, w = lines[0][1].shape[:2]
+        k, pad, label = width / w, 4, 80
+        height = max(1, round(h * k))
         try:
             font = ImageFont.load_default(size=14)
         except (TypeError, OSError):  # a Pillow without FreeType: its small bitmap font
             font = ImageFont.load_default()
-        for r, (name, _) in enumerate(rows):
-            ImageDraw.Draw(img).text((4, pad + r * (h + pad) + h // 2 - 8), name, fill=(0, 0, 0), font=font)
-        return np.asarray(img)
+        canvas = Image.new("RGB", (label + width, len(lines) * (height + pad) + 3 * pad * len(lines) // 3), "white")
+        draw, y = ImageDraw.Draw(canvas), pad
+        for i, (name, img) in enumerate(lines):
+            if i and i % len(rows) == 0:
+                y += 3 * pad  # a gap between clips
+            canvas.paste(Image.fromarray(img).resize((width, height), Image.NEAREST if k >= 1 else Image.LANCZOS),
+                         (label, y))
+            draw.text((4, y + height // 2 - 8), name, fill=(0, 0, 0), font=font)
+            y += height + pad
+        return np.asarray(canvas.crop((0, 0, label + width, y)))
 
     # ------------------------------------------------------------------ figures (explicit Figures: no pyplot state)
 

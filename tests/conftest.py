@@ -121,7 +121,7 @@ def browser(chromium):
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium[0]
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1700"):
         opts.add_argument(a)
     driver = webdriver.Chrome(service=Service(chromium[1]), options=opts)
     try:

@@ -12,9 +12,10 @@ from flgcore.notebooks import ORDER
 
 pytestmark = pytest.mark.browser
 
-# notebook 01 at test size (its parameters cell gets these lines appended, as papermill would inject them)
-TINY_01 = dict(n=4, sigmas=[0.5], retentions=[0.7], clip_steps=2, clip_seeds=[2000000000], skip=[6, 7],
-               out="runs/browser/01", figures="runs/browser/01/figures", runs_root="runs/browser")
+# notebook 01 at test size (its parameters cell gets these lines appended, as papermill would inject them);
+# FLG_BROWSER_QUICK=1 keeps the quick profile's sizes (for a screenshot of the explorer as a user first sees it)
+WHERE_01 = dict(skip=[6, 7], out="runs/browser/01", figures="runs/browser/01/figures", runs_root="runs/browser")
+TINY_01 = dict(n=4, sigmas=[0.5], retentions=[0.7], clip_steps=2, clip_seeds=[2000000000], **WHERE_01)
 
 STATE = """
 const w = window.jupyterapp && jupyterapp.shell.currentWidget;
@@ -77,7 +78,8 @@ def test_notebook_01_and_its_explorer_in_a_real_browser(jupyter_lab, browser, tm
     url, repo = jupyter_lab
     src = json.loads((repo / "notebooks" / "01_block_importance.ipynb").read_text())
     params = next(c for c in src["cells"] if "parameters" in c["metadata"].get("tags", []))
-    params["source"] = "".join(params["source"]) + "\n" + "\n".join(f"{k} = {v!r}" for k, v in TINY_01.items())
+    params["source"] = "".join(params["source"]) + "\n" + "\n".join(
+        f"{k} = {v!r}" for k, v in (WHERE_01 if os.environ.get("FLG_BROWSER_QUICK") else TINY_01).items())
     (repo / "notebooks" / "01_tiny.ipynb").write_text(json.dumps(src))
     t0 = time.time()
     state = run_in_lab(browser, url, "notebooks/01_tiny.ipynb", timeout=900)
