@@ -8,7 +8,7 @@ code drives a diffusers transformer, a skip view of one, or an analytic field in
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -111,3 +111,13 @@ def fewstep_sample(velocity: Velocity, noise: torch.Tensor, sigmas: Sequence[flo
 def nfe(steps: int, cfg_scale: float) -> int:
     """Function evaluations of a sampler: steps x 2 with CFG (cond + null), steps without."""
     return steps * (1 if cfg_scale == 1.0 else 2)
+
+
+def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Training sigmas: uniform, pushed through the same shift the sampler uses.
+
+    Never 0: torch.rand draws an exact 0 once in 2^24, and at s = 0 an x0-predicting model's velocity and a
+    Wan 2.2 TI2V frame 0 (`models.velocity`) divide by zero; the NaN would stop the run, and its resume, which
+    replays the same random stream, at the same step. Raising 0 to 2^-24, the smallest positive value
+    torch.rand draws, changes nothing else."""
+    return shift_sigma(torch.rand(n, generator=generator).clamp_min(2 ** -24), shift).float()

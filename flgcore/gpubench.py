@@ -161,7 +161,7 @@ def stage2_step_fn(cfg, model, drop, x, s, cond):
 def stage3_step_fn(cfg, shared, student, critics, x, s, cond):
     """One Stage-III student turn (k = 0, beta2 != 0): student forward, Eq. 9 (3 calls of the shared weights),
     fake DiT, DMD backward into the student; then one fake-DiT (LoRA) update."""
-    from .pretrain import pretrain_loss
+    from .models import flow_matching_loss
     from .stage3 import dmd_grad, dmd_loss
     opt = torch.optim.AdamW(student.parameters(), lr=5e-7)
     fake_opt = torch.optim.AdamW(critics.fake_parameters(), lr=5e-6)
@@ -177,7 +177,7 @@ def stage3_step_fn(cfg, shared, student, critics, x, s, cond):
             loss = dmd_loss(out, dmd_grad(out.detach(), x0_real, x0_fake))
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         with autocast("bf16", cfg.device), critics.fake_view() as fake:  # backward inside: recomputation needs the adapter on
-            fake_loss = pretrain_loss(fake, out.detach(), torch.randn_like(out), s, cond)
+            fake_loss = flow_matching_loss(fake, out.detach(), torch.randn_like(out), s, cond)
             fake_opt.zero_grad(set_to_none=True); fake_loss.backward()
         fake_opt.step()
     return step

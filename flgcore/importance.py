@@ -24,12 +24,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import flow, synth
-from .config import save_config
+from .config import check_values, save_config
 from .data import LatentCache
 from .models import family_of, to_device, velocity
 from .config import FlgError
 from .runs import check_precision, setup_torch, write_json
-from .surgery import blocks, check_retention, retention_of, select_keep, skipping
+from .surgery import blocks, check_retention, retention_of, select_keep, skipping, swapped_blocks
 
 
 # ----------------------------------------------------------------------------- the scores (pure)
@@ -62,18 +62,12 @@ def _block_sequence(model, seq: list):
     """Run the forward over `seq` (block modules and at most one leading _Replay) instead of its blocks."""
     fam = family_of(model)
     group_of = {id(b.module): b.group for b in blocks(model)}
-    originals = {attr: getattr(model, attr) for _, attr, _ in fam.groups}
     lists = {g: [] for g, _, _ in fam.groups}
     first = fam.groups[0][0]
     for m in seq:
         lists[group_of.get(id(m), first)].append(m)
-    try:
-        for g, attr, _ in fam.groups:
-            setattr(model, attr, nn.ModuleList(lists[g]))
+    with swapped_blocks(model, {attr: lists[g] for g, attr, _ in fam.groups}):
         yield
-    finally:
-        for attr, mods in originals.items():
-            setattr(model, attr, mods)
 
 
 def _moved(o, device):
@@ -329,6 +323,7 @@ def plot_importance(summary: pd.DataFrame, path: Path, title: str = "Block impor
 
 
 def run_stage1(cfg: Stage1Config) -> dict:
+    check_values(cfg)
     setup_torch(cfg.threads, cfg.device)
     if cfg.method not in ("oneshot", "iterative"):
         raise FlgError(f"method must be 'oneshot' or 'iterative', got {cfg.method!r}")
@@ -340,8 +335,8 @@ def run_stage1(cfg: Stage1Config) -> dict:
     out = Path(cfg.out)
     bundle = scoring_bundle(cfg.model, cfg.device, cfg.precision)
     model = bundle.model
-    save_config(cfg, out)
     batches = list(scoring_batches(cfg, bundle.encoder))  # on the CPU; score_blocks moves one at a time
+    save_config(cfg, out)  # after the data is read: a bad cache or a model without a text encoder writes nothing
     store = "cpu" if cfg.store_on_cpu else None
     metrics: dict = {}
 

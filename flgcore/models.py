@@ -16,6 +16,8 @@ import torch
 import diffusers
 
 from .config import FlgError
+from . import flow
+from .flow import TIMESTEP_SCALE
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN = {"synth-tiny": ASSETS / "synth-tiny", "synth-tiny-student": ASSETS / "synth-tiny-student"}
@@ -69,22 +71,30 @@ def fingerprint(path_or_name: str | Path) -> str:
         p = p.parent  # the text encoder and sampling metadata beside it belong to the model too
     if not p.exists():
         raise FlgError(f"{path_or_name}: no such model or file")
-    h = hashlib.sha256()
-    for f in sorted([p] if p.is_file() else (q for q in p.rglob("*") if q.is_file())):
-        h.update(str(f.relative_to(p.parent if p.is_file() else p)).encode())
-        with open(f, "rb") as fh:
-            size = f.stat().st_size
-            if size > 64 * 2 ** 20:
-                h.update(str(size).encode()); h.update(fh.read(2 ** 20)); fh.seek(-2 ** 20, 2)
-            h.update(fh.read())
-    return h.hexdigest()[:16]
+    files = sorted([p] if p.is_file() else (q for q in p.rglob("*") if q.is_file()))
+    key = (str(p.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _PRINTS:  # a sweep asks for the same model's print once per candidate folder
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(p.parent if p.is_file() else p)).encode())
+            with open(f, "rb") as fh:
+                size = f.stat().st_size
+                if size > 64 * 2 ** 20:
+                    h.update(str(size).encode()); h.update(fh.read(2 ** 20)); fh.seek(-2 ** 20, 2)
+                h.update(fh.read())
+        _PRINTS[key] = h.hexdigest()[:16]
+    return _PRINTS[key]
+
+
+_PRINTS: dict[tuple, str] = {}
 
 
 def model_class_name(model_dir: Path) -> str:
     try:
-        name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "")
-    except json.JSONDecodeError as e:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FlgError(f"{model_dir}/config.json is not valid JSON: {e}") from None
+    name = config.get("_class_name", "") if isinstance(config, dict) else ""
     if name not in FAMILIES:
         raise FlgError(f"{model_dir}: found model class {name or '(none)'!r}; supported: {', '.join(FAMILIES)}")
     return name
@@ -99,7 +109,12 @@ def load_transformer(path_or_name: str | Path, dtype: torch.dtype | None = None,
     model_dir = resolve_model_dir(path_or_name)
     cls = getattr(diffusers, model_class_name(model_dir))
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    model, info = cls.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):  # before diffusers logs about it
+        raise FlgError(f"{model_dir}: no weights (*.safetensors) beside its config.json")
+    try:
+        model, info = cls.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    except OSError as e:  # a truncated or corrupt weights file
+        raise FlgError(f"{model_dir}: cannot load its weights ({str(e).strip().splitlines()[0]})") from None
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if bad or meta:
@@ -169,11 +184,11 @@ class Cond:
     image_embeds: torch.Tensor | None = None
     guidance: float = 6.0  # HunyuanVideo's embedded (distilled) guidance scale
 
-    def map(self, fn) -> "Cond":
+    def map(self, fn) -> Cond:
         """Apply fn to every tensor field (slicing, repeating, moving devices)."""
         return replace(self, **{k: fn(v) for k, v in vars(self).items() if torch.is_tensor(v)})
 
-    def with_text(self, other: "Cond") -> "Cond":
+    def with_text(self, other: Cond) -> Cond:
         """This condition with the text fields of `other` (used to build the null condition for CFG)."""
         return replace(self, text=other.text, text_mask=other.text_mask, pooled=other.pooled)
 
@@ -242,7 +257,7 @@ def _hunyuan_call(model, x, t, cond: Cond):
     b = x.shape[0]
     mask = cond.text_mask if cond.text_mask is not None else torch.ones(b, cond.text.shape[1], device=x.device)
     pooled = cond.pooled if cond.pooled is not None else torch.zeros(b, cfg.pooled_projection_dim, device=x.device)
-    guidance = torch.full((b,), cond.guidance * 1000.0, device=x.device, dtype=x.dtype) if cfg.guidance_embeds else None
+    guidance = torch.full((b,), cond.guidance * TIMESTEP_SCALE, device=x.device, dtype=x.dtype) if cfg.guidance_embeds else None
     return model(hidden_states=x, timestep=t, encoder_hidden_states=cond.text.to(x.dtype),
                  encoder_attention_mask=mask, pooled_projections=pooled.to(x.dtype), guidance=guidance,
                  return_dict=False)[0]
@@ -259,7 +274,7 @@ def velocity(model, x: torch.Tensor, s: torch.Tensor, cond: Cond) -> torch.Tenso
     everything downstream works in v alike. Samplers never evaluate at s = 0.
     """
     dtype = next(model.parameters()).dtype
-    t = (s * 1000.0).to(dtype)
+    t = (s * TIMESTEP_SCALE).to(dtype)
     first = replaces_first_frame(model, cond)
     c0 = cond.image[:, :, :1].to(x.dtype) if first else None
     x_in = torch.cat([c0, x[:, :, 1:]], dim=2) if first else x
@@ -336,3 +351,29 @@ def probe_inputs(model, batch: int = 2, frames: int = 2, size: int = 8, seed: in
     image = torch.randn(x.shape, generator=g) if image_conditioned else None
     cond = Cond(text=torch.randn(batch, 4, text_dim, generator=g), image=image)
     return x, torch.rand(batch, generator=g), cond
+
+
+# ----------------------------------------------------------------------------- training loss and export
+
+def flow_matching_loss(model, x0, eps, s, cond, min_sigma: float = 0.05) -> torch.Tensor:
+    """Flow-matching v-loss. For an x0-predicting model, v = (x_s - x0_hat) / s with s clamped at
+    `min_sigma` in the loss only (as JiT does), so low-noise samples do not dominate: the loss is then
+    ||(x0_hat - x0) / max(s, min_sigma)||^2."""
+    x_s = flow.add_noise(x0, eps, s)
+    if getattr(model, "flg_prediction", "velocity") == "x0":
+        x0_hat = x_s - s.reshape(-1, 1, 1, 1, 1) * velocity(model, x_s, s, cond)
+        w = s.clamp_min(min_sigma).reshape(-1, 1, 1, 1, 1)
+        return ((x0_hat.float() - x0) / w).pow(2).mean()
+    return torch.nn.functional.mse_loss(velocity(model, x_s, s, cond).float(), flow.velocity_target(x0, eps))
+
+
+def export_model(model, encoder, out: Path, meta: dict) -> Path:
+    """Write a model directory: transformer/ (diffusers), text_encoder/ (the testbed's `synth.TextEncoder`; none for a real
+    checkpoint, whose text encoder stays in its pipeline), flgcore.json (sampling defaults)."""
+    from .runs import atomic_write_text
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "transformer")
+    if encoder is not None:
+        encoder.save(out / "text_encoder")
+    atomic_write_text(out / "flgcore.json", json.dumps(meta, indent=2) + "\n")
+    return out

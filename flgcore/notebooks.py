@@ -70,10 +70,30 @@ def parameters_of(path: Path) -> dict:
     return {k: v["default"] for k, v in pm.inspect_notebook(str(path)).items()}
 
 
+def check_parameters(params: dict, names: list[str]) -> None:
+    """Refuse a -p name that none of these notebooks' parameters cells has (papermill would only warn) and a
+    value of another type than the notebook's default (an int for a float is fine; a None default takes any)."""
+    import ast
+    defaults: dict = {}
+    for name in names:
+        for k, text in parameters_of(NOTEBOOK_DIR / f"{name}.ipynb").items():
+            try:
+                defaults.setdefault(k, ast.literal_eval(text))
+            except (ValueError, SyntaxError):
+                defaults.setdefault(k, None)
+    for k, v in params.items():
+        if k not in defaults:
+            raise FlgError(f"parameter {k!r} is not in the parameters cell of {', '.join(names)}; "
+                           f"they take: {', '.join(sorted(defaults))}")
+        d = defaults[k]
+        if d is not None and v is not None and not (type(v) is type(d) or type(d) is float and type(v) is int):
+            raise FlgError(f"parameter {k}={v!r}: expected type {type(d).__name__} (the notebook's default is {d!r})")
+
+
 def _inputs(params: dict) -> dict:
-    """Content prints of the models a notebook starts from (a new `synth-tiny` under the same name is new input)."""
-    from .models import fingerprint
-    return {k: fingerprint(params[k]) for k in ("model", "stage2_model") if params.get(k)}
+    """Content prints of the models a notebook starts from, as a run folder records them (`runs.run_inputs`)."""
+    from .runs import run_inputs
+    return run_inputs(params)
 
 
 def _code(nb: dict) -> list[str]:
@@ -127,6 +147,7 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
     unknown = [n for n in names if n not in ORDER]
     if unknown:
         raise FlgError(f"unknown notebook(s) {unknown}; known: {ORDER}")
+    check_parameters(params or {}, names)
     model = (params or {}).get("model")
     real = model is not None and not testbed_model(str(model))
     if real and only and (bad := [n for n in names if n not in REAL_CHECKPOINT]):

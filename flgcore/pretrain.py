@@ -19,10 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import flow, synth
-from .config import save_config
-from .models import to_device, velocity
+from .config import check_values
+from .models import export_model, flow_matching_loss, to_device
 from .config import FlgError
-from .runs import (check_same_run, setup_torch, append_jsonl, ema_update, latest_checkpoint, load_checkpoint,
+from .runs import (start_run, setup_torch, append_jsonl, ema_update, latest_checkpoint, load_checkpoint,
                    resume_train_state, save_train_state, warmup_cosine, write_json)
 
 
@@ -81,16 +81,6 @@ def build_teacher(arch: TeacherArch, seed: int = 0):
         rope_max_seq_len=64)
 
 
-def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """Training sigmas: uniform, pushed through the same shift the sampler uses.
-
-    Never 0: torch.rand draws an exact 0 once in 2^24, and at s = 0 an x0-predicting model's velocity and a
-    Wan 2.2 TI2V frame 0 (`models.velocity`) divide by zero; the NaN would stop the run, and its resume, which
-    replays the same random stream, at the same step. Raising 0 to 2^-24, the smallest positive value
-    torch.rand draws, changes nothing else."""
-    return flow.shift_sigma(torch.rand(n, generator=generator).clamp_min(2 ** -24), shift).float()
-
-
 class TrainBatches(torch.utils.data.Dataset):
     """Batch i = (x0, cond, eps, s), a pure function of (seed, i)."""
 
@@ -104,45 +94,26 @@ class TrainBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, i])
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         x0, cond = synth.train_batch(self.encoder, rng, gen, self.batch_size, self.cond_dropout)
-        return x0, cond, torch.randn(x0.shape, generator=gen), sample_sigmas(self.batch_size, self.shift, gen)
-
-
-def pretrain_loss(model, x0, eps, s, cond, min_sigma: float = 0.05) -> torch.Tensor:
-    """Flow-matching v-loss. For an x0-predicting model, v = (x_s - x0_hat) / s with s clamped at
-    `min_sigma` in the loss only (as JiT does), so low-noise samples do not dominate: the loss is then
-    ||(x0_hat - x0) / max(s, min_sigma)||^2."""
-    x_s = flow.add_noise(x0, eps, s)
-    if getattr(model, "flg_prediction", "velocity") == "x0":
-        x0_hat = x_s - s.reshape(-1, 1, 1, 1, 1) * velocity(model, x_s, s, cond)
-        w = s.clamp_min(min_sigma).reshape(-1, 1, 1, 1, 1)
-        return ((x0_hat.float() - x0) / w).pow(2).mean()
-    return torch.nn.functional.mse_loss(velocity(model, x_s, s, cond).float(), flow.velocity_target(x0, eps))
-
-
-def export_model(model, encoder: synth.TextEncoder | None, out: Path, meta: dict) -> Path:
-    """Write a model directory: transformer/ (diffusers), text_encoder/ (the testbed's; none for a real
-    checkpoint, whose text encoder stays in its pipeline), flgcore.json (sampling defaults)."""
-    from .runs import atomic_write_text
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "transformer")
-    if encoder is not None:
-        encoder.save(out / "text_encoder")
-    atomic_write_text(out / "flgcore.json", json.dumps(meta, indent=2) + "\n")
-    return out
+        return x0, cond, torch.randn(x0.shape, generator=gen), flow.sample_sigmas(self.batch_size, self.shift, gen)
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
+    check_values(cfg)
     setup_torch(cfg.threads, cfg.device)
     out = Path(cfg.out)
     if cfg.prediction not in ("x0", "velocity"):
         raise FlgError(f"prediction must be 'x0' or 'velocity', got {cfg.prediction!r}")
-    check_same_run(cfg, out)
-    save_config(cfg, out)
     model = build_teacher(cfg.arch, cfg.seed).train()
     model.flg_prediction = cfg.prediction
-    if cfg.init_from:
+    if cfg.init_from:  # before the run folder is made: weights of another shape leave nothing behind
         from .models import load_transformer
-        model.load_state_dict(load_transformer(cfg.init_from).state_dict())
+        try:
+            model.load_state_dict(load_transformer(cfg.init_from).state_dict())
+        except RuntimeError as e:  # load_state_dict's report: a header line, then one line per mismatch
+            first = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
+            raise FlgError(f"init_from={cfg.init_from}: its weights do not fit arch ({first[:200]})") from None
+    if (done := start_run(cfg, out)) is not None:
+        return done
     model.to(cfg.device)
     if cfg.compile:
         model.compile()
@@ -162,7 +133,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     losses, t0 = [], time.time()
     for x0, cond, eps, s in batches:
         x0, cond, eps, s = to_device(cfg.device, x0, cond, eps, s)
-        loss = pretrain_loss(model, x0, eps, s, cond, cfg.min_sigma)
+        loss = flow_matching_loss(model, x0, eps, s, cond, cfg.min_sigma)
         if not torch.isfinite(loss):
             raise FlgError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint kept in {out}/checkpoints")
         opt.zero_grad(set_to_none=True)

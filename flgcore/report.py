@@ -15,13 +15,13 @@ import seaborn as sns
 import torch
 
 from . import flow, synth
-from .config import from_dict, to_dict
+from .config import check_values, from_dict
 from .importance import scoring_bundle  # noqa: F401  (notebook 01 loads its model as Stage I does)
 from .explorer import explorer  # noqa: F401  (the layer-importance explorer, usable in any notebook)
 from .notebooks import at_repo_root  # noqa: F401  (every notebook's first code cell)
 from .models import fingerprint
 from .config import FlgError
-from .runs import read_json, write_json
+from .runs import read_json, run_status, start_run, write_json
 
 # the paper's Fig. 1 score (mean of dynamic degree, aesthetic and imaging quality), in SynthBench analogues:
 # SynthBench has no aesthetic dimension, so subject_consistency stands in for it
@@ -52,37 +52,25 @@ def run(stage: str, reuse=(), **fields) -> dict:
 def run_folder(stage: str, reuse=(), **fields) -> Path:
     """The folder of a finished run of this config: a finished twin in one of the `reuse` folders (apart from
     its `out`: a later notebook takes an earlier one's run rather than training the same model twice), else
-    `out`, run there by `run`'s rules."""
+    `out`, run there by `run`'s rules (`runs.run_status` decides what a folder holds)."""
     if twin := finished_twin(stage, fields, reuse):
         return twin
     import shutil
     cls, fn = _stage(stage)
     cfg = from_dict(cls, fields)
+    check_values(cfg)  # before the folder is made or cleared
     out = Path(cfg.out)
-    inputs = _inputs(cfg)
-    same = _same_run(out, cfg, inputs)
-    if same and (out / "metrics.json").is_file():
+    status = run_status(cfg, out)
+    if status == "finished":
         return out
-    if out.exists() and not same:
-        if not ((out / "config.yaml").is_file() or (out / "inputs.json").is_file()):
-            raise FlgError(f"{out} exists and is not a run folder; choose another `out`")
+    if status == "foreign":
+        raise FlgError(f"{out} exists and is not a run folder; choose another `out`")
+    if status == "other":
         print(f"{out}: made with another config or other input weights; running it again")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "inputs.json", inputs)
+    start_run(cfg, out)  # records config and inputs for the stages that do not do it themselves (eval, Stage I)
     fn(cfg)
     return out
-
-
-def _inputs(cfg) -> dict:
-    return {f: fingerprint(v) for f in ("model", "selection") if (v := getattr(cfg, f, None))}
-
-
-def _same_run(out: Path, cfg, inputs: dict) -> bool:
-    import yaml
-    if not ((out / "config.yaml").is_file() and (out / "inputs.json").is_file()):
-        return False
-    return yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg) and read_json(out / "inputs.json") == inputs
 
 
 def evaluated(reuse=(), **fields) -> dict:
@@ -350,9 +338,8 @@ def finished_twin(stage: str, fields: dict, folders) -> Path | None:
     if not folders:
         return None
     cls, _ = _stage(stage)
-    inputs = _inputs(from_dict(cls, fields))  # fingerprinted once: the weights do not depend on `out`
     for d in map(Path, folders):
-        if (d / "metrics.json").is_file() and _same_run(d, from_dict(cls, dict(fields, out=str(d))), inputs):
+        if run_status(from_dict(cls, dict(fields, out=str(d))), d) == "finished":
             return d
     return None
 

@@ -95,39 +95,70 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+# ----------------------------------------------------------------------------- run identity
+# One definition, used by the stages, `report.run` and the notebooks' runner: a run folder holds a run of a
+# config (config.yaml) made from input weights (inputs.json, content prints); metrics.json is written last.
+
 # Settings that change how a run executes, not what it computes: a run may resume under other values of these.
 RUNTIME_FIELDS = {"out", "threads", "device", "workers", "compile", "attention", "ckpt_every", "log_every", "offload",
                   "grad_checkpointing"}
+INPUT_FIELDS = ("model", "selection", "stage2_model")  # fields that name weights a run starts from
 
 
-def check_same_run(cfg, run_dir: str | Path) -> None:
-    """Refuse to resume (or reuse) a run folder whose checkpoints were made under another config: the resumed
-    weights, optimiser and schedule would silently belong to the old one (a run resumed under a new `steps`
-    would continue a cosine schedule that had already finished)."""
+def run_inputs(fields: dict) -> dict:
+    """Content prints (`models.fingerprint`) of the weights named by `fields`: a new `synth-tiny` shipped under
+    the same name, or a Stage-II run redone into the same folder, is new input."""
+    from .models import fingerprint
+    return {k: fingerprint(v) for k in INPUT_FIELDS if (v := fields.get(k))}
+
+
+def run_status(cfg, run_dir: str | Path) -> str:
+    """What `run_dir` holds for config `cfg`:
+
+    - "new": nothing of a run (no folder, an empty one, or a start that wrote no checkpoint or metrics);
+    - "foreign": a folder with other content and no config.yaml (not a run folder);
+    - "finished": a finished run of this config from these inputs;
+    - "resumable": the same, unfinished (it resumes from its newest checkpoint);
+    - "other": a run of another config or from other input weights. Keys absent from an older config.yaml,
+      and RUNTIME_FIELDS, are not compared.
+    """
     import yaml
     from .config import to_dict
     out = Path(run_dir)
-    if not (out / "config.yaml").is_file() or not any((out / "checkpoints").glob("step_*")):
-        return
+    if not out.is_dir() or not any(out.iterdir()):
+        return "new"
+    if not (out / "config.yaml").is_file():
+        return "foreign"
+    started = (out / "metrics.json").is_file() or latest_checkpoint(out) is not None
+    if not started:
+        return "new"
     old = yaml.safe_load((out / "config.yaml").read_text()) or {}
     new = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # the same round trip the saved one took
-    diff = [k for k in new if k in old and k not in RUNTIME_FIELDS and old[k] != new[k]]
-    if diff:
-        what = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff[:3]) + (", ..." if len(diff) > 3 else "")
-        raise FlgError(f"{out} holds checkpoints of a run with another config ({what}); "
-                       "pass another out= or delete the folder to start over")
+    if any(k in old and k not in RUNTIME_FIELDS and old[k] != v for k, v in new.items()):
+        return "other"
+    if not (out / "inputs.json").is_file() or read_json(out / "inputs.json") != run_inputs(new):
+        return "other"
+    return "finished" if (out / "metrics.json").is_file() else "resumable"
 
 
-def finished(run_dir: str | Path, artefact: str, steps: int) -> dict | None:
-    """The metrics of a run that already trained `steps` steps and exported `artefact`, else None."""
+def start_run(cfg, run_dir: str | Path, main: bool = True) -> dict | None:
+    """Stages call this before they write anything. A finished run of this config: its metrics (nothing to do).
+    A run of another config: refused, since its checkpoints would be resumed as this one's (a run resumed under
+    a new `steps` would continue a cosine schedule that had already finished). Otherwise the folder records
+    the config and inputs (on the main process) and None is returned: train, resuming if there is a checkpoint."""
+    from .config import save_config, to_dict
     out = Path(run_dir)
-    if not (out / artefact / "flgcore.json").is_file() or latest_checkpoint(out) is None:
-        return None
-    st = read_json(out / "metrics.json")
-    if st.get("steps") != steps:
-        return None
-    print(f"{out} is finished (steps={steps}); remove it to re-run")
-    return st
+    status = run_status(cfg, out)
+    if status == "finished":
+        print(f"{out} is finished; remove it to re-run")
+        return read_json(out / "metrics.json")
+    if status == "other":
+        raise FlgError(f"{out} holds a run of another config or of other input weights; "
+                       "pass another out= or delete the folder to start over")
+    if main:
+        save_config(cfg, out)
+        write_json(out / "inputs.json", run_inputs(to_dict(cfg)))
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from . import flow, synth
@@ -82,11 +83,21 @@ def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
         meta = dict(family=family_of(model).name, kind="diffusers", prediction="velocity",
                     shift=scheduler_shift(tdir.parent))
         return Bundle(model, None, meta, tdir)
-    meta = json.loads((root / "flgcore.json").read_text())
+    try:
+        meta = json.loads((root / "flgcore.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlgError(f"{root}/flgcore.json is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise FlgError(f"{root}/flgcore.json: expected a mapping of sampling settings, got {type(meta).__name__}")
     model = load_transformer(root / "transformer", device=device)
     model.flg_prediction = meta.get("prediction", "velocity")  # what the raw output means (see models.velocity)
     enc = root / "text_encoder"  # absent for stage outputs of a real checkpoint (its text encoder stays in its pipeline)
-    return Bundle(model, synth.TextEncoder.load(enc) if enc.is_dir() else None, meta, root)
+    try:
+        encoder = synth.TextEncoder.load(enc) if enc.is_dir() else None
+    except (OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as e:
+        raise FlgError(f"{enc}: not a readable text encoder ({type(e).__name__}: "
+                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    return Bundle(model, encoder, meta, root)
 
 
 def require_encoder(bundle: Bundle, name: str | Path) -> Bundle:
@@ -118,7 +129,7 @@ class SampleSpec:
     sigmas: list[float] | None = None  # few-step input sigmas
     drop: list[int] = field(default_factory=list)  # blocks to skip (the drop view)
 
-    def resolve(self, meta: dict) -> "SampleSpec":
+    def resolve(self, meta: dict) -> SampleSpec:
         sampler = self.sampler or meta.get("sampler", "euler")
         if sampler not in ("euler", "fewstep"):
             raise FlgError(f"sampler must be 'euler' or 'fewstep', got {sampler!r}")

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +24,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import flow, synth, zero
-from .config import save_config
+from . import flow, synth, train, zero
+from .config import FlgError, check_values
 from .data import condition_source
-from .models import cat_conds, check_attention, family_of, set_attention, to_device, velocity
-from .config import FlgError
-from .pretrain import export_model, pretrain_loss, sample_sigmas
-from .runs import (autocast, check_precision, check_same_run, setup_torch, append_jsonl, finished, resume_train_state,
-                   save_train_state, warmup_cosine, write_json)
-from .surgery import (blocks, check_compile, check_indices, checkpoint_share, compile_blocks, complement, prune,
-                      retention_of, set_checkpointing, skipping)
+from .models import cat_conds, export_model, family_of, flow_matching_loss, set_attention, to_device, velocity
+from .runs import autocast, start_run, write_json
+from .surgery import blocks, check_indices, complement, prune, retention_of, skipping
+from .train import Runtime
 
 # ----------------------------------------------------------------------------- the math
 
@@ -133,8 +127,11 @@ class Critics:
     calls it with adapters off. With `fake="full"` the fake DiT is a separate trainable copy.
     """
 
-    def __init__(self, shared, drop: list[int], fake: str, teacher: str, lora_rank: int):
+    def __init__(self, shared, drop: list[int], fake: str, teacher: str, lora_rank: int, unpruned=None):
         self.shared, self.drop, self.mode, self.teacher = shared, list(drop), fake, teacher
+        self.unpruned = unpruned  # Eq. 9's unpruned model, if not the shared weights' full view
+        for p in () if unpruned is None else unpruned.parameters():
+            p.requires_grad_(False)
         for p in shared.parameters():
             p.requires_grad_(False)
         # the fake DiT starts from the view the real DiT is read from
@@ -161,21 +158,13 @@ class Critics:
         for p in self.fake_parameters():
             p.requires_grad_(True)
 
-    def _fake_named(self):
-        # by name, not requires_grad: peft switches the adapter's requires_grad off with the adapter
-        return [(n, p) for n, p in self.fake_model.named_parameters() if self.mode == "full" or "lora_" in n]
+    def fake_named(self) -> dict:
+        """The fake DiT's trained parameters by name (not by requires_grad: peft switches the adapter's
+        requires_grad off with the adapter)."""
+        return {n: p for n, p in self.fake_model.named_parameters() if self.mode == "full" or "lora_" in n}
 
     def fake_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for _, p in self._fake_named()]
-
-    def fake_state(self) -> dict:
-        return {n: p.detach().clone() for n, p in self._fake_named()}
-
-    def load_fake_state(self, state: dict) -> None:
-        missing = set(self.fake_state()) - set(state)
-        if missing:
-            raise FlgError(f"checkpoint lacks fake-DiT weights {sorted(missing)[:3]}... (fake mode changed?)")
-        self.fake_model.load_state_dict(state, strict=False)
+        return list(self.fake_named().values())
 
     @contextlib.contextmanager
     def fake_view(self):
@@ -200,7 +189,8 @@ class Critics:
             return flow.cfg_combine(v_c, v_n, beta1)
         with skipping(m, self.drop):
             v_pc, v_pn = velocity(m, xx, ss, cc).chunk(2)
-        v_uc = velocity(m, x, s, cond) if beta2 != 0 else v_pc  # beta2 = 0 needs no unpruned call
+        u = m if self.unpruned is None else self.unpruned
+        v_uc = velocity(u, x, s, cond) if beta2 != 0 else v_pc  # beta2 = 0 needs no unpruned call
         return well_guided(v_pc, v_pn, v_uc, beta1, beta2)
 
 
@@ -224,13 +214,15 @@ def state_bytes(modules: list[torch.nn.Module], optimizers: list[torch.optim.Opt
 
 
 @dataclass
-class Stage3Config:
+class Stage3Config(Runtime):  # + the runtime keys, for all three roles (zero: an engine each)
     model: str = "runs/stage2/model"  # a Stage-II model directory (its saved drop set is the student's cut)
     data: str = "synth"               # "synth" (SynthMotion) or a latent cache folder (`flg cache`): the conditions
     out: str = "runs/stage3"
     drop: list[int] | None = None     # None: the model's saved drop set; []: keep every block (plain DMD2)
     retention: float | None = None    # 1.0 is the same as drop=[]; other values must match the drop set
     teacher: str = "pruned"           # real and fake DiT from the pruned view (paper) or the "unpruned" one (Table 9)
+    unpruned: str | None = None       # Eq. 9's unpruned model: None, the Stage-II weights' full view (paper); or a
+                                      # model folder or name, e.g. the model before Stage II (a frozen target)
     beta1: float = 3.5                # inter CFG (Wan 3.5, HunyuanVideo 2.0)
     beta2: float = 0.25               # intra CFG
     beta1_range: float = 1.0          # jitter: beta1 ~ U[beta1 - r, beta1 + r]
@@ -252,14 +244,6 @@ class Stage3Config:
     seed: int = 0
     ckpt_every: int = 50
     log_every: int = 10
-    threads: int = 0
-    device: str = "cpu"              # "cuda": train on a GPU (data and noise are still drawn on the CPU)
-    zero: bool = False               # DeepSpeed ZeRO-3: engines for the student and the fake DiT (batch_size is global)
-    offload: bool = False            # zero=true: optimiser states and parameters offloaded to CPU memory
-    precision: str = "fp32"          # fp32 or bf16: autocast over fp32 master weights (zero=true: DeepSpeed's bf16)
-    grad_checkpointing: bool | float = False  # student and fake DiT: true = every block, 0.5 = every other
-    attention: str = "native"        # diffusers attention backend for all three roles (models.set_attention)
-    compile: bool = False            # torch.compile each block of every role in place (surgery.compile_blocks)
 
 
 def resolve_drop(cfg: Stage3Config, model, meta: dict) -> list[int]:
@@ -282,14 +266,14 @@ def resolve_drop(cfg: Stage3Config, model, meta: dict) -> list[int]:
 
 
 def check_config(cfg: Stage3Config) -> None:
+    check_values(cfg)  # ranges of steps, sizes, rates, seeds, sigmas; paths that must exist
     if cfg.teacher not in ("pruned", "unpruned"):
         raise FlgError(f"teacher must be 'pruned' or 'unpruned', got {cfg.teacher!r}")
     if cfg.fake not in ("lora", "full"):
         raise FlgError(f"fake must be 'lora' or 'full', got {cfg.fake!r}")
-    checkpoint_share(cfg.grad_checkpointing)
-    check_attention(cfg.attention)
-    check_compile(cfg.compile, cfg.zero)
-    check_precision(cfg.precision)
+    train.check_runtime(cfg)
+    if cfg.unpruned is not None and cfg.zero:
+        raise FlgError("unpruned=<model> is not supported with zero=true (it would not be partitioned)")
     if cfg.fake_updates < 1:
         raise FlgError(f"fake_updates must be >= 1, got {cfg.fake_updates}")
     if not 0 < cfg.min_sigma < cfg.max_sigma <= 1:
@@ -299,71 +283,77 @@ def check_config(cfg: Stage3Config) -> None:
         raise FlgError(f"sigmas must be decreasing values in (0, 1], got {cfg.sigmas}")
 
 
+def load_unpruned(cfg: Stage3Config, shared):
+    """`unpruned=<model>`: that model, frozen, as Eq. 9's unpruned teacher (None: the shared weights' full view)."""
+    if cfg.unpruned is None:
+        return None
+    from .sampling import load_bundle
+    model = load_bundle(cfg.unpruned, device=next(shared.parameters()).device).model.float().eval()
+    if type(model) is not type(shared) or len(blocks(model)) != len(blocks(shared)):
+        raise FlgError(f"unpruned={cfg.unpruned}: not a model of the Stage-II model's class and depth "
+                       f"({type(model).__name__}, {len(blocks(model))} blocks)")
+    set_attention(model, cfg.attention)
+    return model
+
+
+def make_networks(cfg: Stage3Config, shared, drop: list[int], keep: list[int],
+                  unpruned=None) -> tuple[torch.nn.Module, Critics]:
+    """The student (a physically pruned copy of the kept blocks, trainable) and the critics over `shared`,
+    prepared for the runtime settings (after the copies are made: copies come out uncompiled)."""
+    torch.manual_seed(cfg.seed)  # the LoRA init draws from the global RNG: a run is a function of its seed
+    student = prune(shared, keep).train()  # made before the adapter goes on
+    student.flg_prediction = shared.flg_prediction
+    for p in student.parameters():
+        p.requires_grad_(True)
+    critics = Critics(shared.eval(), drop, cfg.fake, cfg.teacher, cfg.lora_rank, unpruned)
+    for m in {id(m): m for m in (student, shared, critics.fake_model)}.values():
+        train.prepare(m, cfg)
+    return student, critics
+
+
 def run_stage3(cfg: Stage3Config) -> dict:
     from .sampling import load_bundle
-    setup_torch(cfg.threads, cfg.device)
     check_config(cfg)
-    dev = zero.init(cfg.device) if cfg.zero else cfg.device
+    dev = train.start(cfg)
     main = zero.is_main()
     bundle = load_bundle(cfg.model, device="cpu" if cfg.zero else dev)
     shared, enc = bundle.model, bundle.encoder
     set_attention(shared, cfg.attention)  # before the student and any fake copy are made from it
     drop = resolve_drop(cfg, shared, bundle.meta)
     keep = complement(shared, drop)
+    unpruned = load_unpruned(cfg, shared)
     out = Path(cfg.out)
-    check_same_run(cfg, out)
-    if (done := finished(out, "student", cfg.steps)) is not None:
+    if (done := start_run(cfg, out, main)) is not None:
         return done
-    if main:
-        save_config(cfg, out)
     shift = cfg.shift if cfg.shift is not None else bundle.meta.get("shift", 1.0)
     sigmas = list(cfg.sigmas) if cfg.sigmas else student_sigmas(cfg.student_steps, shift)
 
-    torch.manual_seed(cfg.seed)  # the LoRA init draws from the global RNG: a run is a function of its seed
-    student = prune(shared, keep).train()  # physically pruned copy, made before the adapter goes on
-    student.flg_prediction = shared.flg_prediction
-    for p in student.parameters():
-        p.requires_grad_(True)
-    critics = Critics(shared.eval(), drop, cfg.fake, cfg.teacher, cfg.lora_rank)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.0, 0.999))
-    sched = warmup_cosine(opt, cfg.warmup, cfg.steps // cfg.fake_updates + 1)
-    fake_opt = torch.optim.AdamW(critics.fake_parameters(), lr=cfg.fake_lr, weight_decay=0.0, betas=(0.0, 0.999))
-    fake_sched = warmup_cosine(fake_opt, cfg.warmup, cfg.steps)
+    student, critics = make_networks(cfg, shared, drop, keep, unpruned)
+    common = dict(betas=(0.0, 0.999), weight_decay=0.0, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
+                  batch_size=cfg.batch_size)
+    upd = train.Updater(student, dict(student.named_parameters()), cfg, lr=cfg.lr,
+                        steps=cfg.steps // cfg.fake_updates + 1, **common)
+    fake_upd = train.Updater(critics.fake_model, critics.fake_named(), cfg, lr=cfg.fake_lr, steps=cfg.steps, **common)
+    if cfg.zero and cfg.fake == "full":  # the frozen real DiT is partitioned too, with no optimiser
+        real_engine = zero.engine(shared, None, None, train.ds_config(cfg, cfg.batch_size))  # noqa: F841 (kept alive)
     gen = torch.Generator().manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
-    set_checkpointing(student, cfg.grad_checkpointing); set_checkpointing(critics.fake_model, cfg.grad_checkpointing)
-    if cfg.compile:  # after prune, the fake copy and the adapter: copies come out uncompiled
-        for m in {id(m): m for m in (student, shared, critics.fake_model)}.values():
-            compile_blocks(m)
-    if cfg.zero:
-        ds = zero.ds_config(cfg.batch_size, cfg.grad_clip, cfg.precision == "bf16", cfg.offload)
-        engines = {"student": zero.engine(student, opt, sched, ds),
-                   "fake": zero.engine(critics.fake_model, fake_opt, fake_sched, ds)}
-        if cfg.fake == "full":  # the frozen real DiT: partitioned too, with no optimiser
-            engines["real"] = zero.engine(shared, None, None, ds)
-        trained = {k: engines[k] for k in ("student", "fake")}  # the frozen real engine is not checkpointed
-        step, _ = zero.resume(out, trained, {"noise": gen}, np_rng)
-    else:
-        step, st = resume_train_state(out, student, opt, sched, {"noise": gen}, np_rng)
-        if st:
-            critics.load_fake_state(st["fake"])
-            fake_opt.load_state_dict(st["fake_opt"])
-            fake_sched.load_state_dict(st["fake_sched"])
-    shard = zero.shard if cfg.zero else (lambda *xs: xs[0] if len(xs) == 1 else xs)
+    updaters = {"student": upd, "fake": fake_upd}
+    step, _ = train.resume(out, cfg, updaters, {"noise": gen}, np_rng)
 
     def randn(shape):  # drawn at the global batch size, then this rank's slice: N ranks follow 1 rank's stream
-        return shard(torch.randn((cfg.batch_size, *shape[1:]), generator=gen))
-    kill_at = int(os.environ.get("FLG_TEST_KILL_AT_STEP", "0"))  # tests: SIGKILL ourselves mid-run
+        return train.shard(cfg, torch.randn((cfg.batch_size, *shape[1:]), generator=gen))
     v_student = lambda x, s, c: velocity(student, x, s, c)
     amp = functools.partial(autocast, cfg.precision, dev, cfg.zero)  # every forward below; backward outside
+    mean = functools.partial(train.mean_over_ranks, cfg)
     draw = condition_source(cfg.data, enc)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="stage3", dynamic_ncols=True, disable=not main)
-    logs, t0, memory = [], time.time(), None
+    log, memory = train.StepLog(out / "log.jsonl", cfg.log_every, cfg.steps, main), None
     while step < cfg.steps:
         # conditions: real first frames + full captions, as at inference (no word or caption dropout)
         x_ref, cond, null = draw(np_rng, cfg.batch_size)
-        cond, null, noise = to_device(dev, *shard(cond, null), randn(x_ref.shape))
+        cond, null, noise = to_device(dev, *train.shard(cfg, cond, null), randn(x_ref.shape))
         k = int(torch.randint(len(sigmas), (1,), generator=gen))
         s_k = torch.full((noise.shape[0],), sigmas[k], device=dev)
         student_turn = step % cfg.fake_updates == 0
@@ -374,86 +364,54 @@ def run_stage3(cfg: Stage3Config) -> dict:
             x = flow.x0_from_velocity(x_k, s_k, v_student(x_k, s_k, cond))
         if student_turn:  # DMD: move the student's samples along x0_fake - x0_real (Eq. 8)
             b1, b2 = draw_betas(cfg.beta1, cfg.beta2, cfg.beta1_range, cfg.beta2_range, gen)
-            s = flow.shift_sigma(cfg.min_sigma + (cfg.max_sigma - cfg.min_sigma) * shard(torch.rand(cfg.batch_size, generator=gen)),
-                                 shift).float().to(dev)
+            u = train.shard(cfg, torch.rand(cfg.batch_size, generator=gen))
+            s = flow.shift_sigma(cfg.min_sigma + (cfg.max_sigma - cfg.min_sigma) * u, shift).float().to(dev)
             x_t = flow.add_noise(x.detach(), randn(x.shape).to(dev), s)
             with amp(), torch.no_grad():
                 x0_real = flow.x0_from_velocity(x_t, s, critics.real_velocity(x_t, s, cond, null, b1, b2))
                 x0_fake = flow.x0_from_velocity(x_t, s, critics.fake_velocity(x_t, s, cond))
             grad = dmd_grad(x.detach(), x0_real, x0_fake)
             loss = dmd_loss(x, grad)
-            if not (zero.all_finite(loss) if cfg.zero else torch.isfinite(loss)):
-                raise FlgError(f"non-finite student loss {loss.item()} at step {step}; the last good checkpoint is "
-                               f"kept in {out}/checkpoints")
-            if cfg.zero:
-                engines["student"].backward(loss); engines["student"].step()
-                gnorm = engines["student"].get_global_grad_norm()
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-                opt.step(); sched.step()
-            mean = zero.mean_over_ranks if cfg.zero else float
-            row.update(dmd_loss=mean(loss.item()), dmd_grad=mean(float(grad.abs().mean())),
-                       student_grad_norm=float(gnorm), beta1=b1, beta2=b2)
+            train.check_finite(loss, "student loss", step, out, cfg)
+            upd.backward(loss)
+            gnorm = upd.step()
+            row.update(dmd_loss=mean(loss.item()), dmd_grad=mean(float(grad.abs().mean())), student_grad_norm=gnorm,
+                       beta1=b1, beta2=b2)
 
         # fake DiT: flow matching on the student's (detached) outputs, the distribution it must track
         x = x.detach()
-        s_f = shard(sample_sigmas(cfg.batch_size, shift, gen)).to(dev)
+        s_f = train.shard(cfg, flow.sample_sigmas(cfg.batch_size, shift, gen)).to(dev)
         eps = randn(x.shape).to(dev)
         # backward inside the view: gradient checkpointing re-runs blocks, and must see the adapter switched on
         with critics.fake_view() as fake:
             with amp():
-                fake_loss = pretrain_loss(fake, x, eps, s_f, cond)
-            if not (zero.all_finite(fake_loss) if cfg.zero else torch.isfinite(fake_loss)):
-                raise FlgError(f"non-finite fake-DiT loss {fake_loss.item()} at step {step}; the last good checkpoint "
-                               f"is kept in {out}/checkpoints")
-            if cfg.zero:
-                engines["fake"].backward(fake_loss)
-            else:
-                fake_opt.zero_grad(set_to_none=True)
-                fake_loss.backward()
-        if cfg.zero:
-            engines["fake"].step()
-        else:
-            torch.nn.utils.clip_grad_norm_(critics.fake_parameters(), cfg.grad_clip)
-            fake_opt.step(); fake_sched.step()
+                fake_loss = flow_matching_loss(fake, x, eps, s_f, cond)
+            train.check_finite(fake_loss, "fake-DiT loss", step, out, cfg)
+            fake_upd.backward(fake_loss)
+        fake_upd.step()
         step += 1
         if memory is None and not cfg.zero:  # optimiser states exist after the first step
-            memory = state_bytes([shared, student, critics.fake_model], [opt, fake_opt])
-        row["fake_loss"] = zero.mean_over_ranks(fake_loss.item()) if cfg.zero else fake_loss.item()
-        logs.append(row)
+            memory = state_bytes([shared, student, critics.fake_model], [upd.opt, fake_upd.opt])
+        row["fake_loss"] = mean(fake_loss.item())
+        log.add(step, row, lr=upd.lr())
         bar.update(1); bar.set_postfix(fake=f"{row['fake_loss']:.4f}")
-        if main and (step % cfg.log_every == 0 or step == cfg.steps):
-            keys = {k for r in logs for k in r}
-            mean = {k: float(np.mean([r[k] for r in logs if k in r])) for k in sorted(keys)}
-            append_jsonl(out / "log.jsonl", dict(step=step, lr=sched.get_last_lr()[0],
-                                                 sec_per_step=(time.time() - t0) / len(logs), **mean))
-            logs, t0 = [], time.time()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if cfg.zero:
-                zero.save(out, step, trained, {"noise": gen}, np_rng)
-            else:
-                save_train_state(out, step, student, opt, sched, {"noise": gen}, np_rng, fake=critics.fake_state(),
-                                 fake_opt=fake_opt.state_dict(), fake_sched=fake_sched.state_dict())
-        if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            train.save(out, step, cfg, updaters, {"noise": gen}, np_rng)
     bar.close()
 
-    if cfg.zero:  # gather the student's partitioned weights; only rank 0 writes
-        state = zero.gathered_state_dict(student)
-        if not main:
-            zero.barrier()
-            return {}
-        student = zero.unwrap_state(state, student)
+    student = train.final_model(upd, cfg)
+    if student is None:  # a ZeRO-3 rank other than 0: rank 0 writes
+        zero.barrier()
+        return {}
     meta = dict(bundle.meta, kind="student", sampler="fewstep", sigmas=sigmas, shift=shift, cfg_scale=1.0,
                 diffusers_scheduler=sigmas == student_sigmas(len(sigmas), shift),
                 steps=len(sigmas), keep=keep, teacher_blocks=len(blocks(shared)), trained_steps=step,
-                stage3=dict(teacher=cfg.teacher, beta1=cfg.beta1, beta2=cfg.beta2, fake=cfg.fake))
+                stage3=dict(teacher=cfg.teacher, beta1=cfg.beta1, beta2=cfg.beta2, fake=cfg.fake,
+                            unpruned=cfg.unpruned))
     meta.pop("drop", None)  # the student has no drop view: its blocks are all it has
     export_student(student.eval(), enc, out / "student", meta)
     if not cfg.zero:
-        memory = memory or state_bytes([shared, student, critics.fake_model], [opt, fake_opt])
+        memory = memory or state_bytes([shared, student, critics.fake_model], [upd.opt, fake_upd.opt])
     metrics = dict(steps=step, keep=keep, drop=drop, sigmas=sigmas, fake=cfg.fake, teacher=cfg.teacher,
                    retention=retention_of(shared, keep), memory=memory, processes=zero.world()[1])
     write_json(out / "metrics.json", metrics)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -84,6 +84,20 @@ def _kept_by_group(model, keep: Sequence[int]) -> dict[str, list[nn.Module]]:
 
 
 @contextmanager
+def swapped_blocks(model, lists: dict[str, list[nn.Module]]):
+    """Within the block, each module-list attribute named in `lists` holds those modules instead; the original
+    lists are put back on exit (the one place that swaps block lists: skipping, pruning, Stage I's replays)."""
+    originals = {attr: getattr(model, attr) for attr in lists}
+    try:
+        for attr, mods in lists.items():
+            setattr(model, attr, nn.ModuleList(mods))
+        yield model
+    finally:
+        for attr, mods in originals.items():
+            setattr(model, attr, mods)
+
+
+@contextmanager
 def skipping(model, drop: Iterable[int]):
     """Within the block, the model's forward skips the blocks in `drop` (global indices).
 
@@ -94,14 +108,8 @@ def skipping(model, drop: Iterable[int]):
         yield model
         return
     keep = [b.index for b in blocks(model) if b.index not in set(drop)]
-    originals = {attr: getattr(model, attr) for _, attr, _ in family_of(model).groups}
-    try:
-        for attr, mods in _kept_by_group(model, keep).items():
-            setattr(model, attr, nn.ModuleList(mods))
+    with swapped_blocks(model, _kept_by_group(model, keep)):
         yield model
-    finally:
-        for attr, mods in originals.items():
-            setattr(model, attr, mods)
 
 
 def prune(model, keep: Iterable[int]):
@@ -115,14 +123,8 @@ def prune(model, keep: Iterable[int]):
         raise FlgError("a pruned model must keep at least one block")
     kept = _kept_by_group(model, keep)
     # Copy without the blocks first so a large model is not duplicated whole, then attach copies of the kept ones.
-    originals = {attr: getattr(model, attr) for attr in kept}
-    try:
-        for attr in kept:
-            setattr(model, attr, nn.ModuleList())
+    with swapped_blocks(model, {attr: [] for attr in kept}):
         small = copy.deepcopy(model)
-    finally:
-        for attr, mods in originals.items():
-            setattr(model, attr, mods)
     for _, attr, key in family_of(model).groups:
         setattr(small, attr, nn.ModuleList(copy.deepcopy(m) for m in kept[attr]))
         small.register_to_config(**{key: len(kept[attr])})

@@ -136,7 +136,7 @@ class TextEncoder:
         self.index = {w: i for i, w in enumerate(self.vocab)}
 
     @classmethod
-    def create(cls, dim: int = 32, max_len: int = 8, seed: int = 1234) -> "TextEncoder":
+    def create(cls, dim: int = 32, max_len: int = 8, seed: int = 1234) -> TextEncoder:
         g = torch.Generator().manual_seed(seed)
         return cls(torch.randn(len(VOCAB), dim, generator=g), VOCAB, max_len)
 
@@ -165,7 +165,7 @@ class TextEncoder:
         (path / "vocab.json").write_text(json.dumps({"vocab": self.vocab, "max_len": self.max_len}, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "TextEncoder":
+    def load(cls, path: str | Path) -> TextEncoder:
         from safetensors.torch import load_file
         path = Path(path)
         meta = json.loads((path / "vocab.json").read_text())

@@ -115,8 +115,8 @@ def analyse(clip, spec: synth.ClipSpec, cond_image=None) -> dict:
     """Score one clip [3, F, H, W] in [-1, 1] against its spec; `cond_image` [3, H, W] defaults to the spec's."""
     frames = to_frames(clip)
     F = len(frames)
-    cond = to_frames((synth.render(spec, frames=1, size=frames.shape[1]) if cond_image is None
-                      else np.asarray(cond_image)[:, None]))[0]
+    cond = to_frames(synth.render(spec, frames=1, size=frames.shape[1]) if cond_image is None
+                      else np.asarray(cond_image)[:, None])[0]
     bgs = [background(f) for f in frames]
     subs = [subject(f, b) for f, b in zip(frames, bgs)]
 

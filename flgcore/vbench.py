@@ -1,7 +1,7 @@
 """VBench-I2V adapter for real checkpoints: write videos as VBench expects, run it where it is installed,
 and compute the dimensions that need no learned weights ourselves.
 
-VBench cannot live in this environment (NOTES.md: it pins numpy<2 and an old transformers, and 15 of its
+VBench cannot live in this environment (it pins numpy<2 and an old transformers, and 15 of its
 16 dimensions download weights at run time); it belongs on a GPU box, in its own environment, with its
 weights staged (`local=True`, `VBENCH_CACHE_DIR`). So `export_for_vbench` writes `videos/<prompt>-<i>.mp4`
 (VBench's naming: the prompt, a dash, the sample index) and `vbench_full_info.json` (prompt_en,

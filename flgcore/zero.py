@@ -5,7 +5,7 @@ launcher). Every rank draws the same global batch from the same seeded generator
 slice, so N processes follow the single-process run (up to reduction order) and the random stream does
 not depend on N. On a CPU (tests, CI) DeepSpeed runs with `DS_ACCELERATOR=cpu` and gloo.
 
-Checkpoints (NOTES.md: DeepSpeed writes into the final folder in place and keeps no RNG state): every
+Checkpoints (DeepSpeed writes into the final folder in place and keeps no RNG state): every
 engine saves into `checkpoints/.tmp_step_XXXXXXXX/<engine>/`, every rank writes its RNG state beside them,
 and rank 0 renames the folder to `step_XXXXXXXX` once all ranks are done; older steps are deleted only
 after that. Export gathers the full weights first (`save_pretrained` on a partitioned model writes empty
@@ -17,7 +17,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .models import Cond

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UniPCMulti
 
 from flgcore.data import LatentCache, write_probe_cache
 from flgcore.importance import Stage1Config, run_stage1
-from flgcore.models import load_transformer, probe_inputs, tiny_model
+from flgcore.models import load_transformer, tiny_model
 from flgcore.config import FlgError
 from flgcore.sampling import scheduler_shift
 from flgcore.stage2 import Stage2Config, run_stage2

@@ -1,5 +1,4 @@
 """Flow-matching math against cases whose answer is known in closed form."""
-import math
 
 import pytest
 import torch
@@ -96,7 +95,7 @@ def test_x0_predicting_model_is_converted_to_velocity():
 
 
 def test_training_sigmas_are_never_zero(monkeypatch):
-    from flgcore.pretrain import sample_sigmas
+    from flgcore.flow import sample_sigmas
     real_rand = torch.rand
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros_like(real_rand(*a, **k)))  # the 1-in-2^24 draw
     s = sample_sigmas(4, 3.0, torch.Generator().manual_seed(0))

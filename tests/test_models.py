@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from flgcore.cli import main
 from flgcore.models import load_transformer, tiny_model

@@ -110,7 +110,7 @@ def test_sample_and_eval_commands(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     # the same model against itself on the same seeds: every difference and its interval is zero
     assert main(["compare", str(tmp_path / "e"), str(tmp_path / "e"), "--boot", "50"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split()[1:] == ["%.4f" % agg["average"]] * 2 + ["0.0"] * 4
+    assert capsys.readouterr().out.splitlines()[-1].split()[1:] == [f"{agg['average']:.4f}"] * 2 + ["0.0"] * 4
     assert main(["compare", str(tmp_path / "e"), str(tmp_path / "e2")]) == 2
     assert "different seeds" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "e"), str(tmp_path / "nowhere")]) == 2

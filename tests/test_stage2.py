@@ -1,8 +1,8 @@
 """Stage II: the loss against Eqs. 5-7, the stop-gradient, kill -9 resume, clear errors."""
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +11,8 @@ from flgcore.evaluate import EvalConfig, run_eval
 from flgcore.models import load_transformer
 from flgcore.config import FlgError
 from flgcore.stage2 import Stage2Config, draw_drop, run_stage2, stage2_loss
+
+KILLED_RUN = str(Path(__file__).with_name("killed_run.py"))  # `flg`, SIGKILLed after a given step
 
 
 def _tensors(seed=0):
@@ -70,13 +72,12 @@ def test_stage2_trains_the_drop_view_toward_the_full_view(tiny_bundle_dir, tmp_p
 
 def test_kill_minus_9_and_resume_gives_identical_weights(tiny_bundle_dir, tmp_path):
     run_stage2(_cfg(tiny_bundle_dir, tmp_path / "straight"))
-    cmd = [sys.executable, "-m", "flgcore.cli", "stage2", f"model={tiny_bundle_dir}", f"out={tmp_path / 'killed'}",
-           "drop=[1, 2]", "steps=4", "batch_size=2", "ckpt_every=2", "log_every=1", "warmup=1", "seed=3"]
-    env = dict(os.environ, FLG_TEST_KILL_AT_STEP="3")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    args = ["stage2", f"model={tiny_bundle_dir}", f"out={tmp_path / 'killed'}",
+            "drop=[1, 2]", "steps=4", "batch_size=2", "ckpt_every=2", "log_every=1", "warmup=1", "seed=3"]
+    r = subprocess.run([sys.executable, KILLED_RUN, "3", *args], capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-2000:]
     assert not (tmp_path / "killed" / "model").exists()
-    r = subprocess.run(cmd, capture_output=True, text=True)  # the same command again
+    r = subprocess.run([sys.executable, "-m", "flgcore.cli", *args], capture_output=True, text=True)  # the same again
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stdout
     a = load_transformer(tmp_path / "straight" / "model" / "transformer").state_dict()
@@ -106,10 +107,10 @@ def test_attention_backend_changes_the_kernel_not_the_training(tiny_bundle_dir, 
 
 def test_compiled_blocks_train_as_the_eager_ones(tiny_bundle_dir, tmp_path, monkeypatch):
     """compile=true compiles every block of the model (inductor on the CPU here) and logs the eager losses."""
-    import flgcore.stage2
+    import flgcore.train
     from flgcore.surgery import compile_blocks
     compiled = []
-    monkeypatch.setattr(flgcore.stage2, "compile_blocks", lambda m: compiled.append(compile_blocks(m)))
+    monkeypatch.setattr(flgcore.train, "compile_blocks", lambda m: compiled.append(compile_blocks(m)))
     run_stage2(_cfg(tiny_bundle_dir, tmp_path / "eager", steps=3))
     run_stage2(_cfg(tiny_bundle_dir, tmp_path / "compiled", steps=3, compile=True))
     assert compiled == [4]
@@ -172,3 +173,37 @@ def test_x0_models_cap_the_low_noise_weight():
     loss, _ = stage2_loss(v_drop, v_full, x0, eps, 1.0, w)
     direct = ((v_drop - v_full) * w.reshape(-1, 1, 1, 1, 1)).pow(2).mean()
     torch.testing.assert_close(loss, direct)
+
+
+def test_a_teacher_replaces_the_full_view_as_distillation_target():
+    v_drop, v_full, x0, eps = _tensors(2)
+    v_teacher = _tensors(3)[0]
+    loss, parts = stage2_loss(v_drop, None, x0, eps, 1.0, v_teacher=v_teacher)
+    torch.testing.assert_close(loss, ((v_drop - v_teacher) ** 2).mean())
+    target = eps - x0
+    loss, _ = stage2_loss(v_drop, v_full, x0, eps, 0.5, v_teacher=v_teacher)
+    training = ((v_drop - target) ** 2).mean() + ((v_full - target) ** 2).mean()
+    torch.testing.assert_close(loss, 0.5 * ((v_drop - v_teacher) ** 2).mean() + 0.5 * training)
+
+
+def test_a_frozen_target_is_unchanged_by_training(tiny_bundle_dir, tmp_path, monkeypatch):
+    import flgcore.stage2
+    copies = []
+    real = flgcore.stage2.frozen_copy
+    monkeypatch.setattr(flgcore.stage2, "frozen_copy", lambda m: copies.append(real(m)) or copies[-1])
+    run_stage2(_cfg(tiny_bundle_dir, tmp_path, steps=3, lr=1e-3, alpha=1.0, p=1.0, target="frozen"))
+    init = load_transformer(tiny_bundle_dir / "transformer").state_dict()
+    trained = load_transformer(tmp_path / "model" / "transformer").state_dict()
+    (frozen,) = copies
+    assert all(torch.equal(v, init[k]) for k, v in frozen.state_dict().items())
+    assert any(not torch.equal(v, init[k]) for k, v in trained.items())
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["distill"] > 0 for r in log)  # at step 1 too: the frozen model's full view is not the drop view
+    with pytest.raises(FlgError, match="target"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path / "bad", target="moving"))
+
+
+def test_p_one_trains_the_drop_view_every_step(tiny_bundle_dir, tmp_path):
+    run_stage2(_cfg(tiny_bundle_dir, tmp_path, steps=4, p=1.0))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["n_dropped"] for r in log] == [2, 2, 2, 2]

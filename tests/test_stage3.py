@@ -1,8 +1,8 @@
 """Stage III: Eq. 9, the DMD gradient, the frozen real DiT, export round trip, kill -9 resume, bench."""
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +11,14 @@ from flgcore import flow, synth
 from flgcore.bench import BenchConfig, run_bench
 from flgcore.models import load_transformer, tiny_model, velocity
 from flgcore.config import FlgError
-from flgcore.pretrain import pretrain_loss
+from flgcore.models import flow_matching_loss
 from flgcore.runs import latest_checkpoint, load_checkpoint
 from flgcore.sampling import SampleSpec, load_bundle, sample_batch
 from flgcore.stage3 import (Critics, Stage3Config, dmd_grad, dmd_loss, draw_betas, run_stage3, student_scheduler,
                             student_sigmas, well_guided)
 from flgcore.surgery import blocks, prune, skipping
+
+KILLED_RUN = str(Path(__file__).with_name("killed_run.py"))  # `flg`, SIGKILLed after a given step
 
 
 def _v(seed, n=3):
@@ -109,7 +111,7 @@ def test_real_dit_is_frozen_and_the_fake_dit_learns(tiny_stage2_dir, mode):
     opt = torch.optim.AdamW(critics.fake_parameters(), lr=1e-2)
     for _ in range(3):
         with critics.fake_view() as fake:
-            loss = pretrain_loss(fake, x0, eps, s, cond)
+            loss = flow_matching_loss(fake, x0, eps, s, cond)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -144,7 +146,7 @@ def test_stage3_exports_a_smaller_student_that_round_trips(tiny_stage2_dir, tmp_
     # the exported weights are the last checkpoint's student, exactly
     ck = load_checkpoint(latest_checkpoint(tmp_path))
     ref = prune(load_bundle(tiny_stage2_dir).model, [0, 3])
-    ref.load_state_dict(ck["model"])
+    ref.load_state_dict(ck["student"]["weights"])
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in ref.state_dict().items())
     # and it samples with its saved schedule and nothing else
     b = load_bundle(tmp_path / "student")
@@ -187,10 +189,10 @@ def test_gradient_checkpointing_changes_no_number(tiny_stage2_dir, tmp_path, sha
 def test_compiled_blocks_train_as_the_eager_ones(tiny_stage2_dir, tmp_path, monkeypatch):
     """compile=true compiles the student's blocks and the shared weights' (real DiT and LoRA fake DiT), after
     the student was cut from them, and trains to the eager numbers."""
-    import flgcore.stage3
+    import flgcore.train
     from flgcore.surgery import compile_blocks
     compiled = []
-    monkeypatch.setattr(flgcore.stage3, "compile_blocks", lambda m: compiled.append(compile_blocks(m)))
+    monkeypatch.setattr(flgcore.train, "compile_blocks", lambda m: compiled.append(compile_blocks(m)))
     run_stage3(_cfg(tiny_stage2_dir, tmp_path / "eager", steps=2, fake_updates=1))
     run_stage3(_cfg(tiny_stage2_dir, tmp_path / "compiled", steps=2, fake_updates=1, compile=True))
     assert compiled == [2, 4]  # the 2-block student, the 4-block shared model
@@ -221,19 +223,19 @@ def test_bf16_trains_fp32_master_weights(tiny_stage2_dir, tmp_path):
 
 def test_kill_minus_9_and_resume_gives_identical_weights(tiny_stage2_dir, tmp_path):
     run_stage3(_cfg(tiny_stage2_dir, tmp_path / "straight"))
-    cmd = [sys.executable, "-m", "flgcore.cli", "stage3", f"model={tiny_stage2_dir}", f"out={tmp_path / 'killed'}",
-           "steps=4", "batch_size=2", "fake_updates=2", "ckpt_every=2", "log_every=1", "warmup=1", "seed=3",
-           "lora_rank=4", "student_steps=2", "lr=1e-3", "fake_lr=1e-3"]
-    r = subprocess.run(cmd, env=dict(os.environ, FLG_TEST_KILL_AT_STEP="3"), capture_output=True, text=True)
+    args = ["stage3", f"model={tiny_stage2_dir}", f"out={tmp_path / 'killed'}",
+            "steps=4", "batch_size=2", "fake_updates=2", "ckpt_every=2", "log_every=1", "warmup=1", "seed=3",
+            "lora_rank=4", "student_steps=2", "lr=1e-3", "fake_lr=1e-3"]
+    r = subprocess.run([sys.executable, KILLED_RUN, "3", *args], capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-2000:]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "flgcore.cli", *args], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stdout
     a = load_transformer(tmp_path / "straight" / "student" / "transformer").state_dict()
     b = load_transformer(tmp_path / "killed" / "student" / "transformer").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    fa = load_checkpoint(latest_checkpoint(tmp_path / "straight"))["fake"]
-    fb = load_checkpoint(latest_checkpoint(tmp_path / "killed"))["fake"]
+    fa = load_checkpoint(latest_checkpoint(tmp_path / "straight"))["fake"]["weights"]
+    fb = load_checkpoint(latest_checkpoint(tmp_path / "killed"))["fake"]["weights"]
     assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
@@ -287,3 +289,20 @@ def test_bench_reports_theoretical_and_measured_speedup(tiny_bundle_dir, tiny_st
     assert (tmp_path / "bench" / "bench.csv").is_file()
     with pytest.raises(FlgError, match="not a few-step student"):
         run_bench(BenchConfig(teacher=str(tiny_bundle_dir), student=str(tiny_bundle_dir), out=str(tmp_path / "b2")))
+
+
+def test_an_unpruned_model_of_its_own_serves_eq_9(tiny_stage2_dir, tiny_bundle_dir, tmp_path):
+    """unpruned=<model>: Eq. 9's unpruned term comes from that model: the same weights give the same teacher,
+    other weights (the model before Stage II) another one, and a run with it trains."""
+    import copy
+    bundle = load_bundle(tiny_stage2_dir)
+    x0, cond, null, eps, s = _batch(bundle)
+    x_s = flow.add_noise(x0, eps, s)
+    model = bundle.model
+    plain = Critics(copy.deepcopy(model), [1, 2], "full", "pruned", 4).real_velocity(x_s, s, cond, null, 3.5, 0.25)
+    same = Critics(copy.deepcopy(model), [1, 2], "full", "pruned", 4, unpruned=copy.deepcopy(model))
+    torch.testing.assert_close(same.real_velocity(x_s, s, cond, null, 3.5, 0.25), plain)
+    other = Critics(copy.deepcopy(model), [1, 2], "full", "pruned", 4, unpruned=load_bundle(tiny_bundle_dir).model)
+    assert not torch.allclose(other.real_velocity(x_s, s, cond, null, 3.5, 0.25), plain)
+    m = run_stage3(_cfg(tiny_stage2_dir, tmp_path, steps=2, unpruned=str(tiny_bundle_dir)))
+    assert m["steps"] == 2

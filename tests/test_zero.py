@@ -3,19 +3,23 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("deepspeed")
 # ~1.5-2 min each on 2 cores (3 launches of 2 processes); in the default suite, so CI runs them.
+KILLED_RUN = str(Path(__file__).with_name("killed_run.py"))  # `flg`, SIGKILLed after a given step
+
 pytestmark = pytest.mark.zero
 
 
-def _launch(args, nproc, env_extra=None, port=29611):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+def _launch(args, nproc, kill_at=None, port=29611):
+    """`flg <args>` on nproc ZeRO-3 processes; kill_at: rank 0 SIGKILLs itself after logging that step (the launcher then stops the others)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           "-m", "flgcore.cli", *args]
+           *(["-m", "flgcore.cli"] if kill_at is None else [KILLED_RUN, str(kill_at)]), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -38,7 +42,7 @@ def test_stage2_two_processes_match_one_and_resume_after_kill(teacher, tmp_path)
     from flgcore.models import load_transformer
     common = dict(model=str(teacher / "ckpt"), data=str(teacher / "cache"), drop=[1, 2], steps=6, batch_size=4,
                   warmup=1, log_every=1, ckpt_every=3, alpha=0.5)
-    ref = run_stage2(Stage2Config(out=str(tmp_path / "one"), **common))
+    run_stage2(Stage2Config(out=str(tmp_path / "one"), **common))
     args = ["stage2"] + [f"{k}={json.dumps(v)}" for k, v in common.items()] + ["zero=true"]
 
     r = _launch(args + [f"out={tmp_path / 'two'}"], 2)
@@ -52,7 +56,7 @@ def test_stage2_two_processes_match_one_and_resume_after_kill(teacher, tmp_path)
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
 
     # kill -9 after step 4 (checkpoint at 3), resume: the same losses and weights as the uninterrupted run
-    r = _launch(args + [f"out={tmp_path / 'killed'}"], 2, {"FLG_TEST_KILL_AT_STEP": "4"}, port=29612)
+    r = _launch(args + [f"out={tmp_path / 'killed'}"], 2, kill_at=4, port=29612)
     assert r.returncode != 0
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step_00000003"]
     r = _launch(args + [f"out={tmp_path / 'killed'}"], 2, port=29613)
@@ -114,7 +118,7 @@ def test_stage3_two_processes_match_one_and_resume_after_kill(teacher, tmp_path)
     for (k, a), b in zip(s1.state_dict().items(), s2.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
 
-    r = _launch(args + [f"out={tmp_path / 'killed'}"], 2, {"FLG_TEST_KILL_AT_STEP": "4"}, port=29622)
+    r = _launch(args + [f"out={tmp_path / 'killed'}"], 2, kill_at=4, port=29622)
     assert r.returncode != 0
     r = _launch(args + [f"out={tmp_path / 'killed'}"], 2, port=29623)
     assert r.returncode == 0, r.stderr[-3000:]
