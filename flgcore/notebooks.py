@@ -147,13 +147,13 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
     unknown = [n for n in names if n not in ORDER]
     if unknown:
         raise FlgError(f"unknown notebook(s) {unknown}; known: {ORDER}")
-    check_parameters(params or {}, names)
     model = (params or {}).get("model")
     real = model is not None and not testbed_model(str(model))
     if real and only and (bad := [n for n in names if n not in REAL_CHECKPOINT]):
         raise FlgError(f"{', '.join(bad)}: scored with SynthBench, which needs a testbed model (synth-tiny or a flgcore "
                        f"model with a text encoder); on the checkpoint {model} only {', '.join(REAL_CHECKPOINT)} runs "
                        f"(-p data=<latent cache>)")
+    check_parameters(params or {}, names)
     label = run_label(profile, model)
     import torch
     params = dict(params or {})
