@@ -5,7 +5,8 @@ set's Eq. 3 error (with prefix reuse), the importance bars and the clip strip re
 
 Each click toggles one block (from notebook 01's skip set [6, 7, 8], never back to a set already seen), so every
 update is cold: the new set's error and its skip-view clips are computed, not read from the explorer's caches.
-Prints each click's wall seconds (error / clips / drawing) and CPU seconds, and the median and maximum; then one warm update (a set
+Prints each click's wall seconds (error / clips / drawing) and CPU seconds (CPU / wall near the thread count: the
+cores were ours; far below it: other processes had them), and the median and maximum; then one warm update (a set
 seen before). The defaults are notebook 01's explorer at the quick profile (8 clips at 2 sigmas, 2 clips of 10
 Euler steps with the teacher's CFG). The debounce (0.3 s of quiet before an update) is not included.
 """
@@ -58,7 +59,7 @@ def main() -> None:
         totals.append(t3 - t0)
         cpu.append(time.process_time() - c0)
         print(f"click {k + 1}: toggle {i:2d} -> skip {drop}: {t3 - t0:.2f} s (error {t1 - t0:.2f}, clips {t2 - t1:.2f}, "
-              f"drawing {t3 - t2:.2f}), {cpu[-1]:.2f} CPU s; Eq. 3 error {r['eq3']:.4g} ± {r['eq3_se']:.2g}")
+              f"drawing {t3 - t2:.2f}), {cpu[-1]:.2f} CPU s (CPU / wall {cpu[-1] / (t3 - t0):.1f}); Eq. 3 error {r['eq3']:.4g}")
     ex.toggles[i].value = not ex.toggles[i].value  # back to a set seen before: from the caches
     print(f"cold update: median {statistics.median(totals):.2f} s, max {max(totals):.2f} s over {len(totals)} clicks "
           f"(CPU time of all threads: median {statistics.median(cpu):.2f} s); warm update {ex.last_update_s:.2f} s; "

@@ -110,7 +110,8 @@ def test_notebook_01_and_its_explorer_in_a_real_browser(jupyter_lab, browser, tm
     browser.save_screenshot(str(tmp_path / "page.png"))
     if os.environ.get("FLG_SCREENSHOT"):  # e.g. figures/explorer.png
         shutil.copy(tmp_path / "explorer.png", os.environ["FLG_SCREENSHOT"])
-    print(f"notebook 01 (test size) ran in the browser in {ran:.0f} s; a click was answered in {answered:.2f} s "
+    size = "quick profile" if os.environ.get("FLG_BROWSER_QUICK") else "test size"
+    print(f"notebook 01 ({size}) ran in the browser in {ran:.0f} s; a click was answered in {answered:.2f} s "
           f"({status.text}); screenshot {tmp_path / 'explorer.png'}")
     _shutdown(browser)
 
