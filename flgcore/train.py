@@ -90,7 +90,8 @@ class Updater:
     def __init__(self, model, named: dict, rt: Runtime, *, lr: float, betas: tuple[float, float],
                  weight_decay: float, warmup: int, steps: int, grad_clip: float, batch_size: int):
         self.named, self.grad_clip = dict(named), grad_clip
-        self.opt = torch.optim.AdamW(list(self.named.values()), lr=lr, weight_decay=weight_decay, betas=betas)
+        self.params = list(self.named.values())
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=betas)
         self.sched = warmup_cosine(self.opt, warmup, steps)
         self.engine = zero.engine(model, self.opt, self.sched, ds_config(rt, batch_size, grad_clip)) if rt.zero else None
         self.model = self.engine.module if self.engine is not None else model
@@ -107,7 +108,7 @@ class Updater:
         if self.engine is not None:
             self.engine.step()
             return float(self.engine.get_global_grad_norm())
-        gnorm = torch.nn.utils.clip_grad_norm_(list(self.named.values()), self.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()
         self.sched.step()
         return float(gnorm)
@@ -116,7 +117,8 @@ class Updater:
         return self.sched.get_last_lr()[0]
 
     def state_dict(self) -> dict:  # plain PyTorch only: an engine checkpoints itself
-        return dict(weights={n: p.detach().clone() for n, p in self.named.items()}, opt=self.opt.state_dict(),
+        # no copies: `save` writes the checkpoint at once, and a copy would double the weights' memory meanwhile
+        return dict(weights={n: p.detach() for n, p in self.named.items()}, opt=self.opt.state_dict(),
                     sched=self.sched.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
