@@ -27,7 +27,7 @@ from .train import Runtime
 
 def stage2_loss(v_drop: torch.Tensor, v_full: torch.Tensor | None, x0: torch.Tensor, eps: torch.Tensor,
                 alpha: float, weight: torch.Tensor | None = None,
-                v_teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                v_teacher: torch.Tensor | None = None, full_distill: bool = False) -> tuple[torch.Tensor, dict]:
     """Eqs. 5-7. All tensors [B, C, F, H, W]; returns (scalar loss, its parts as floats).
 
     L = a ||v_drop - sg(v_full)||^2 + (1 - a) (||v_drop - (eps - x0)||^2 + ||v_full - (eps - x0)||^2)
@@ -36,7 +36,8 @@ def stage2_loss(v_drop: torch.Tensor, v_full: torch.Tensor | None, x0: torch.Ten
     only the distillation term remains and the full view needs no gradient at all. `weight` [B]
     optionally scales each sample's velocities (see `loss_weight`). `v_teacher` replaces sg(v_full) as
     the distillation target (`target: frozen`: the model as it was before Stage II); v_full may then be
-    None when a = 1.
+    None when a = 1. `full_distill` adds a ||v_full - v_teacher||^2 (`views: both` with a frozen target: the
+    full view distils toward the teacher in the same step as the drop view, not in the other half of the steps).
     """
     target = flow.velocity_target(x0, eps).float()
     v_teacher = (v_full if v_teacher is None else v_teacher).float()
@@ -46,6 +47,8 @@ def stage2_loss(v_drop: torch.Tensor, v_full: torch.Tensor | None, x0: torch.Ten
         target, v_drop, v_teacher = target * w, v_drop * w, v_teacher * w
         v_full = None if v_full is None else v_full * w
     distill = (v_drop - v_teacher.detach()).pow(2).mean()
+    if full_distill:
+        distill = distill + (v_full - v_teacher.detach()).pow(2).mean()
     loss = alpha * distill
     parts = dict(distill=float(distill.detach()))
     if alpha < 1:
@@ -89,6 +92,9 @@ class Stage2Config(Runtime):  # + the runtime keys (threads, device, precision, 
     # whole_set (default): one draw skips all candidates or none. The deployed student skips the whole
     # set; per_block would show that exact view only p^k of the time for k candidates.
     drop_mode: str = "whole_set"
+    # sampled (the paper): each step trains the view that p drew. both: every step skips the whole candidate set
+    # and trains the full view beside it (toward the frozen target when there is one), so p is not used
+    views: str = "sampled"
     steps: int = 400
     batch_size: int = 16
     lr: float = 2e-4
@@ -138,6 +144,8 @@ def check_config(cfg: Stage2Config) -> None:
     draw_drop([], cfg.p, cfg.drop_mode, torch.Generator())  # validates drop_mode
     if cfg.target not in ("shared", "frozen"):
         raise FlgError(f"target must be 'shared' or 'frozen', got {cfg.target!r}")
+    if cfg.views not in ("sampled", "both"):
+        raise FlgError(f"views must be 'sampled' or 'both', got {cfg.views!r}")
     if cfg.target == "frozen" and cfg.zero:
         raise FlgError("target=frozen is not supported with zero=true (the frozen copy would not be partitioned)")
     if cfg.zero and cfg.ema_decay > 0:
@@ -178,19 +186,21 @@ def run_stage2(cfg: Stage2Config) -> dict:
         x0, cond = source(np_rng, gen, cfg.batch_size, cfg.cond_dropout)
         eps = torch.randn(x0.shape, generator=gen)
         s = flow.sample_sigmas(cfg.batch_size, shift, gen)
-        drop = draw_drop(cands, cfg.p, cfg.drop_mode, gen)
+        drop = draw_drop(cands, cfg.p, cfg.drop_mode, gen) if cfg.views == "sampled" else list(cands)
         x0, cond, eps, s = train.local_batch(cfg, dev, x0, cond, eps, s)
         if cfg.zero and cfg.precision == "bf16":  # the engine's weights are bf16, and so must the conditions be
             cond = cond.map(lambda t: t.to(torch.bfloat16))
         x_s = flow.add_noise(x0, eps, s)
         with autocast(cfg.precision, dev, cfg.zero):
-            with torch.set_grad_enabled(cfg.alpha < 1):  # alpha = 1: sg(v_full) needs no graph at all
-                v_full = velocity(model, x_s, s, cond) if teacher is None or cfg.alpha < 1 else None
+            full_distill = cfg.views == "both" and teacher is not None
+            with torch.set_grad_enabled(cfg.alpha < 1 or full_distill):  # else alpha = 1: sg(v_full) needs no graph
+                v_full = velocity(model, x_s, s, cond) if teacher is None or cfg.alpha < 1 or full_distill else None
             with torch.no_grad():
                 v_teacher = velocity(teacher, x_s, s, cond) if teacher is not None else None
             with skipping(model, drop):
                 v_drop = velocity(model, x_s, s, cond)
-        loss, parts = stage2_loss(v_drop, v_full, x0, eps, cfg.alpha, loss_weight(model, s, cfg.min_sigma), v_teacher)
+        loss, parts = stage2_loss(v_drop, v_full, x0, eps, cfg.alpha, loss_weight(model, s, cfg.min_sigma), v_teacher,
+                                  full_distill)
         train.check_finite(loss, "loss", step, out, cfg)
         upd.backward(loss)
         gnorm = upd.step()
@@ -212,7 +222,7 @@ def run_stage2(cfg: Stage2Config) -> dict:
         final.load_state_dict(ema)
     final = final.float().eval()
     meta = dict(bundle.meta, kind="stage2", drop=cands, keep=[b.index for b in blocks(model) if b.index not in cands],
-                alpha=cfg.alpha, drop_mode=cfg.drop_mode, target=cfg.target, trained_steps=step)
+                alpha=cfg.alpha, drop_mode=cfg.drop_mode, target=cfg.target, views=cfg.views, trained_steps=step)
     export_model(final, bundle.encoder, out / "model", meta)
     metrics = dict(steps=step, candidates=cands, final_loss=json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss"])
     write_json(out / "metrics.json", metrics)

@@ -207,3 +207,19 @@ def test_p_one_trains_the_drop_view_every_step(tiny_bundle_dir, tmp_path):
     run_stage2(_cfg(tiny_bundle_dir, tmp_path, steps=4, p=1.0))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["n_dropped"] for r in log] == [2, 2, 2, 2]
+
+
+def test_full_distill_adds_the_full_views_distance_to_the_teacher():
+    g = torch.Generator().manual_seed(0)
+    v_drop, v_full, v_teacher, x0, eps = (torch.randn(2, 3, 2, 4, 4, generator=g) for _ in range(5))
+    loss, parts = stage2_loss(v_drop, v_full, x0, eps, 1.0, v_teacher=v_teacher, full_distill=True)
+    want = ((v_drop - v_teacher) ** 2).mean() + ((v_full - v_teacher) ** 2).mean()
+    assert torch.allclose(loss, want) and parts["distill"] == pytest.approx(float(want))
+
+
+def test_views_both_trains_both_views_every_step(tiny_bundle_dir, tmp_path):
+    run_stage2(_cfg(tiny_bundle_dir, tmp_path, steps=4, p=0.01, alpha=1.0, target="frozen", views="both"))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["n_dropped"] for r in log] == [2, 2, 2, 2]  # p is not used: the whole set every step
+    with pytest.raises(FlgError, match="views"):
+        run_stage2(_cfg(tiny_bundle_dir, tmp_path / "bad", views="all"))
