@@ -227,8 +227,9 @@ def open_encoder(cfg: CacheConfig) -> WanEncoder:
     for key, value, got in (("dtype", cfg.dtype, dtype), ("vae_dtype", cfg.vae_dtype, vae_dtype)):
         if not isinstance(got, torch.dtype):
             raise FlgError(f"{key}={value!r} is not a torch dtype")
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(root, transformer=None, torch_dtype={"vae": vae_dtype, "default": dtype},
+    import diffusers
+    # the pipeline's own class: DiffusionPipeline.from_pretrained ignores transformer=None and loads the weights
+    pipe = getattr(diffusers, name).from_pretrained(root, transformer=None, torch_dtype={"vae": vae_dtype, "default": dtype},
                                              **({"transformer_2": None} if name.startswith("Wan") else {})).to(cfg.device)
     if cfg.vae_tiling:
         pipe.vae.enable_tiling()

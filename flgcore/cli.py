@@ -110,8 +110,11 @@ def cmd_sample(a):
     from .config import check_values
     from .sampling import SampleSpec, load_bundle, load_image, require_encoder, sample_batch, save_video
     from .surgery import check_indices
+    from . import pipelines
     seeds, drop = _ints(a.seed, "seeds"), _ints(a.drop) if a.drop else []
     check_values(dict(seed=seeds, steps=a.steps, cfg=a.cfg, drop=drop, out=a.out))
+    if pipelines.is_real(a.model):
+        return _sample_real(a, seeds)
     first_image = load_image(a.image) if a.image else None
     bundle = require_encoder(load_bundle(a.model), a.model)
     spec = SampleSpec(a.sampler, a.steps, a.cfg, None, None, drop).resolve(bundle.meta)
@@ -127,6 +130,32 @@ def cmd_sample(a):
         paths = save_video(clip, stem)
         np.savez(out / f"{stem.name}.npz", clip=clip.numpy(), seed=seed, caption=caption)
         print(f"{caption!r} (seed {seed}, {spec.sampler}, nfe {spec.nfe()}): " + ", ".join(str(p) for p in paths))
+
+
+def _sample_real(a, seeds: list[int]) -> None:
+    """`flg sample` of a real checkpoint: one prompt (and image), one video per seed, through its stock pipeline."""
+    from PIL import Image
+    from . import pipelines
+    from .config import FlgError
+    if a.caption is None or a.drop or a.sampler:
+        raise FlgError("a real checkpoint takes --prompt (and --image for image-conditioned models), --view drop for a "
+                       "Stage-II model's drop view, --scheduler, not --drop/--sampler")
+    spec = pipelines.PipeSpec(a.scheduler, a.steps, a.cfg, a.height, a.width, a.frames, a.precision)
+    loaded = pipelines.load(a.model, a.base, a.view, spec, a.device)
+    image = None
+    if loaded.image_conditioned:
+        if not a.image:
+            raise FlgError(f"{a.model} is image-conditioned: give --image")
+        try:
+            image = Image.open(a.image).convert("RGB").resize(tuple(reversed(pipelines.video_size(loaded))))
+        except OSError as e:
+            raise FlgError(f"cannot read image {a.image}: {e}") from None
+    out = Path(a.out)
+    videos = pipelines.generate(loaded, a.caption, seeds, image)
+    for seed, v in zip(seeds, videos):
+        path = pipelines.write_video(v, out / f"{a.caption.replace('/', '_')}-{seed}.mp4", pipelines.FPS[loaded.family])
+        print(f"{a.caption!r} (seed {seed}, {loaded.kind}, {loaded.info['steps']} steps): {path}")
+    print(pipelines.contact_sheet(list(videos), out / "contact_sheet.png"))
 
 
 def cmd_stage1(a):
@@ -236,13 +265,25 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("sample", help="sample clips (mp4, gif, png strip, npz) from a model")
     s.add_argument("--model", default="synth-tiny")
-    s.add_argument("--caption", help="default: the seed's SynthMotion caption, e.g. 'a red square moves left quickly'")
+    s.add_argument("--caption", "--prompt", dest="caption",
+                   help="default: the seed's SynthMotion caption, e.g. 'a red square moves left quickly' (a real "
+                        "checkpoint: required)")
     s.add_argument("--seed", default="2000000000", help="comma-separated seeds (noise, and the first frame unless --image)")
     s.add_argument("--image", help="first frame (PNG/JPEG, resized to 32x32)")
     s.add_argument("--sampler", choices=["euler", "fewstep"], help="default: the model's saved sampler")
     s.add_argument("--steps", type=int)
     s.add_argument("--cfg", type=float)
     s.add_argument("--drop", help="comma-separated blocks to skip (a Stage-II model's drop view)")
+    s.add_argument("--view", choices=["full", "drop"], default="full", help="a Stage-II model of a real checkpoint: "
+                   "which view to sample")
+    s.add_argument("--base", help="a real checkpoint's stage output: the pipeline folder it was made from, if moved")
+    s.add_argument("--scheduler", choices=["euler", "default"], default="euler",
+                   help="a real teacher: 50 Euler steps (the paper's) or the pipeline's own sampler")
+    s.add_argument("--height", type=int)
+    s.add_argument("--width", type=int)
+    s.add_argument("--frames", type=int)
+    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    s.add_argument("--device", default="cpu")
     s.add_argument("--out", default="runs/samples")
     s.set_defaults(fn=cmd_sample)
 

@@ -5,6 +5,7 @@ folder, and prints the table. The drop view of a Stage-II model is evaluated wit
 """
 from __future__ import annotations
 
+import json
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -39,8 +40,23 @@ class EvalConfig:
     videos: int = 4               # sample videos written into the run folder
     threads: int = 0
     device: str = "cpu"           # "cuda": sample on a GPU (the analysis stays on the CPU)
-    vbench: bool = False          # also write the clips for VBench (<out>/vbench), score its weight-free
-                                  # dimensions ourselves, and run official VBench where it is installed
+    vbench: bool = False          # also write the clips for VBench (<out>/vbench) and score its weight-free
+                                  # dimensions ourselves
+    # a real checkpoint (a diffusers pipeline folder, or a flgcore model folder made from one): see pipelines.py
+    suite: str | None = None      # prompts: a CSV (prompt[,image]), VBench-I2V's info JSON, or cache:<folder>
+    suite_images: str | None = None  # VBench-I2V's image folder (default: beside its info JSON)
+    base: str | None = None       # the pipeline a flgcore model folder was made from, when it has moved
+    n_per_prompt: int = 1         # videos per prompt, seeds seed_offset + 0, 1, ...
+    scheduler: str = "euler"      # a teacher's sampler: "euler" (50 steps, the paper's) or "default" (the pipeline's)
+    height: int | None = None     # None: the pipeline's defaults
+    width: int | None = None
+    frames: int | None = None
+    precision: str = "auto"       # bf16 on a GPU, fp32 on the CPU
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    cpu_offload: bool = False
+    vbench_python: str | None = None  # the python of a VBench environment: official dimensions, run there
+    vbench_dimensions: list[str] | None = None  # None: VBench-I2V's for image-conditioned models, else T2V's
 
 
 def format_scores(agg: dict) -> str:
@@ -71,11 +87,17 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 10_000, se
     a much tighter interval than two independent ones. Every dimension is resampled with the same seeds,
     so `average` keeps its meaning (a mean over dimensions, then over seeds). Set-level metrics (Frechet
     distance) have no per-clip value and are left out."""
-    if set(a.seed) != set(b.seed):
-        raise FlgError(f"the two evaluations scored different seeds ({len(a)} and {len(b)} clips, "
-                       f"{len(set(a.seed) & set(b.seed))} in common): evaluate both with the same n and seed_offset")
-    dims = [d for d in [*synthbench.DIMENSIONS, "average"] if d in a and d in b]
-    a, b = a.set_index("seed").loc[sorted(a.seed), dims], b.set_index("seed").loc[sorted(a.seed), dims]
+    keys = ["prompt_index", "seed"] if "prompt_index" in a and "prompt_index" in b else ["seed"]  # a real suite's
+    ka, kb = (set(map(tuple, d[keys].to_numpy().tolist())) for d in (a, b))  # videos pair by prompt and seed
+    if ka != kb:
+        raise FlgError(f"the two evaluations scored different {' and '.join(keys)}s ({len(a)} and {len(b)} clips, "
+                       f"{len(ka & kb)} in common): evaluate both with the same suite, n, n_per_prompt and seed_offset")
+    if keys == ["seed"]:
+        dims = [d for d in [*synthbench.DIMENSIONS, "average"] if d in a and d in b]
+    else:  # every per-video score both have (the weight-free ones, and VBench's where both ran it)
+        dims = [d for d in a.columns if d in b and d not in (*keys, "sample") and pd.api.types.is_numeric_dtype(a[d])
+                and pd.api.types.is_numeric_dtype(b[d]) and a[d].notna().all() and b[d].notna().all()]
+    a, b = (d.set_index(keys).sort_index().loc[:, dims] for d in (a, b))
     diff = a.to_numpy() - b.to_numpy()
     idx = np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))
     boot = diff[idx].mean(axis=1)  # (n_boot, dims)
@@ -107,6 +129,12 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise FlgError(f"n must be >= 1, got {cfg.n}")
     out = Path(cfg.out)
     info: dict = {}
+    from .pipelines import is_real
+    if not cfg.clips and is_real(cfg.model):
+        return run_real_eval(cfg)
+    if cfg.suite:
+        raise FlgError(f"suite={cfg.suite}: prompt suites are for real checkpoints; {cfg.model} is scored on "
+                       f"SynthMotion seeds (n, seed_offset)")
     if cfg.clips:
         clips, specs = load_clip_folder(cfg.clips)
     else:
@@ -125,12 +153,87 @@ def run_eval(cfg: EvalConfig) -> dict:
         from . import vbench
         folder = vbench.export_for_vbench(list(clips), [sp.caption for sp in specs], out / "vbench")
         agg.update({f"vbench_{k}": v for k, v in vbench.own_scores(folder).items() if k != "n"})
-        official = vbench.run_vbench(folder, device=cfg.device)
-        if official:
-            agg.update({f"vbench_official_{k}": v[0] for k, v in official.items() if isinstance(v, list) and v})
     write_json(out / "metrics.json", agg)
     pd.DataFrame(rows).to_csv(out / "clips.csv", index=False)
     for i in range(min(cfg.videos, len(specs))):
         save_video(clips[i], out / "samples" / f"{specs[i].seed}_{specs[i].caption.replace(' ', '_')}")
     print(format_scores(agg))
+    return agg
+
+
+T2V_DIMENSIONS = ["subject_consistency", "background_consistency", "motion_smoothness", "dynamic_degree",
+                  "aesthetic_quality", "imaging_quality", "temporal_flickering"]
+
+
+def write_full_info(out: Path, clips: pd.DataFrame, dimensions: list[str]) -> Path:
+    """VBench's `vbench_full_info.json`: per prompt, its text, the dimensions to score and its videos' paths."""
+    info = [dict(prompt_en=prompt, dimension=list(dimensions), video_list=[str(out / "videos" / v) for v in g.video])
+            for prompt, g in clips.groupby("prompt", sort=False)]
+    path = out / "vbench_full_info.json"
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def run_real_eval(cfg: EvalConfig) -> dict:
+    """`flg eval` of a real checkpoint: sample every prompt of the suite `n_per_prompt` times through the family's
+    stock pipeline (pipelines.py), write the videos in VBench's layout, score what needs no learned weights
+    (vbench.video_scores), and with `vbench_python` add official VBench dimensions computed in that environment."""
+    from tqdm.auto import tqdm
+    from . import pipelines, suites, vbench
+    if not cfg.suite:
+        raise FlgError(f"{cfg.model} is a real checkpoint: give suite=<CSV of prompt[,image] | VBench-I2V info JSON | "
+                       f"cache:<latent cache folder>>")
+    if cfg.n_per_prompt < 1 or cfg.batch_size < 1:
+        raise FlgError(f"n_per_prompt and batch_size must be >= 1, got {cfg.n_per_prompt} and {cfg.batch_size}")
+    spec = pipelines.PipeSpec(cfg.scheduler, cfg.steps, cfg.cfg, cfg.height, cfg.width, cfg.frames, cfg.precision,
+                              cfg.vae_tiling, cfg.vae_slicing, cfg.cpu_offload)
+    loaded = pipelines.load(cfg.model, cfg.base, cfg.view, spec, cfg.device)
+    items = suites.read_suite(cfg.suite, loaded.image_conditioned, cfg.suite_images)[:cfg.n]
+    h, w = pipelines.video_size(loaded)
+    fps = pipelines.FPS[loaded.family]
+    out = Path(cfg.out)
+    save_config(cfg, out)
+    seeds = [cfg.seed_offset + i for i in range(cfg.n_per_prompt)]
+    rows, first, t0 = [], [], time.time()
+    bar = tqdm(total=len(items) * len(seeds), desc=f"eval ({loaded.kind}, {loaded.info['steps']} steps)", unit="video",
+               dynamic_ncols=True)
+    for item in items:
+        image = suites.load_image(item, h, w) if loaded.image_conditioned else None
+        for k in range(0, len(seeds), cfg.batch_size):
+            chunk = seeds[k:k + cfg.batch_size]
+            for seed, video in zip(chunk, pipelines.generate(loaded, item.prompt, chunk, image)):
+                path = pipelines.write_video(video, out / "videos" / f"{item.prompt}-{seed - cfg.seed_offset}.mp4", fps)
+                frames = pipelines.read_video(path)  # scored as decoded, as VBench scores the files
+                ref = np.asarray(image) if image is not None else None
+                rows.append(dict(prompt_index=item.index, prompt=item.prompt, image=str(item.image or ""),
+                                 sample=seed - cfg.seed_offset, seed=seed, video=path.name,
+                                 **vbench.video_scores(frames, fps, ref)))
+                if len(first) < cfg.videos:
+                    first.append(frames)
+                bar.update(1)
+    bar.close()
+    elapsed = time.time() - t0
+    clips = pd.DataFrame(rows)
+    dims = cfg.vbench_dimensions or (vbench.I2V_DIMENSIONS if loaded.image_conditioned else T2V_DIMENSIONS)
+    write_full_info(out, clips, dims)
+    metric_cols = [c for c in vbench.METRIC_DEFINITIONS if c in clips]
+    agg = {c: float(clips[c].mean()) for c in metric_cols}
+    agg["definitions"] = {c: vbench.METRIC_DEFINITIONS[c] for c in metric_cols}
+    if cfg.vbench_python:
+        official, per_video = vbench.read_vbench_results(vbench.run_vbench(
+            out, cfg.vbench_python, dims, mode="vbench_i2v" if loaded.image_conditioned else "custom_input",
+            i2v_images=cfg.suite_images, device=cfg.device))
+        agg["vbench"] = official
+        if (score := vbench.fig1_score(official)) is not None:
+            agg["vbench"]["fig1_score"] = score
+        clips = clips.merge(per_video.add_prefix("vbench_").rename(columns={"vbench_video": "video"}), on="video", how="left")
+    agg.update(loaded.info, prompts=len(items), n_per_prompt=cfg.n_per_prompt, videos=len(clips),
+               sec_per_video=elapsed / max(1, len(clips)), videos_per_hour=3600 * len(clips) / max(elapsed, 1e-9),
+               height=h, width=w, frames=int(first[0].shape[0]) if first else None, fps=fps)
+    clips.to_csv(out / "clips.csv", index=False)
+    if first:
+        pipelines.contact_sheet(first, out / "contact_sheet.png")
+    write_json(out / "metrics.json", agg)
+    print("\n".join(f"{k:>32}  {agg[k]:.4f}" for k in metric_cols))
+    print(f"{len(clips)} videos in {out / 'videos'} ({agg['sec_per_video']:.2f} s each); contact sheet {out / 'contact_sheet.png'}")
     return agg

@@ -80,8 +80,11 @@ def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
             raise FlgError(f"{name}: not a flgcore model directory (transformer/, text_encoder/, flgcore.json) nor a "
                            f"diffusers transformer or pipeline directory") from None
         model = load_transformer(tdir, device=device)
+        from .pipelines import pipeline_of
         meta = dict(family=family_of(model).name, kind="diffusers", prediction="velocity",
                     shift=scheduler_shift(tdir.parent))
+        if pipeline := pipeline_of(tdir):  # what its stage outputs are sampled with (`flg eval`, pipelines.py)
+            meta["pipeline"] = pipeline
         return Bundle(model, None, meta, tdir)
     try:
         meta = json.loads((root / "flgcore.json").read_text())

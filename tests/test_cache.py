@@ -299,3 +299,9 @@ def test_notebook_01_runs_on_a_real_checkpoint_from_its_latent_cache(world, tmp_
     assert json.loads((run / "stage1" / "metrics.json").read_text())["blocks"] == 4
     with pytest.raises(FlgError, match="only 01_block_importance runs"):
         run_notebooks("quick", only=["02_stage2_ablations"], params=params, out=tmp_path)
+
+
+def test_the_encoder_never_loads_the_transformer(world, tmp_path):
+    root, pipe_dir = world
+    enc = open_encoder(_cfg(root, pipe_dir, out=str(tmp_path / "o")))
+    assert enc.pipe.transformer is None  # a real transformer is tens of GB: the cache needs only its config
