@@ -161,9 +161,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     return agg
 
 
-T2V_DIMENSIONS = ["subject_consistency", "background_consistency", "motion_smoothness", "dynamic_degree",
-                  "aesthetic_quality", "imaging_quality", "temporal_flickering"]
-
 
 def write_full_info(out: Path, clips: pd.DataFrame, dimensions: list[str]) -> Path:
     """VBench's `vbench_full_info.json`: per prompt, its text, the dimensions to score and its videos' paths."""
@@ -194,14 +191,19 @@ def run_real_eval(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     save_config(cfg, out)
     seeds = [cfg.seed_offset + i for i in range(cfg.n_per_prompt)]
-    rows, first, t0 = [], [], time.time()
+    rows, first, sampling = [], [], 0.0
     bar = tqdm(total=len(items) * len(seeds), desc=f"eval ({loaded.kind}, {loaded.info['steps']} steps)", unit="video",
                dynamic_ncols=True)
     for item in items:
         image = suites.load_image(item, h, w) if loaded.image_conditioned else None
+        if image is not None:  # VBench-I2V's custom input reads each prompt's image from <out>/images/<prompt>.png
+            vbench.save_i2v_image(out, item.prompt, image)
         for k in range(0, len(seeds), cfg.batch_size):
             chunk = seeds[k:k + cfg.batch_size]
-            for seed, video in zip(chunk, pipelines.generate(loaded, item.prompt, chunk, image)):
+            t0 = time.time()
+            videos = pipelines.generate(loaded, item.prompt, chunk, image)
+            sampling += time.time() - t0
+            for seed, video in zip(chunk, videos):
                 path = pipelines.write_video(video, out / "videos" / f"{item.prompt}-{seed - cfg.seed_offset}.mp4", fps)
                 frames = pipelines.read_video(path)  # scored as decoded, as VBench scores the files
                 ref = np.asarray(image) if image is not None else None
@@ -212,28 +214,31 @@ def run_real_eval(cfg: EvalConfig) -> dict:
                     first.append(frames)
                 bar.update(1)
     bar.close()
-    elapsed = time.time() - t0
     clips = pd.DataFrame(rows)
-    dims = cfg.vbench_dimensions or (vbench.I2V_DIMENSIONS if loaded.image_conditioned else T2V_DIMENSIONS)
+    # VBench's custom-input mode scores these (not the six dimensions that need VBench's own prompts)
+    dims = cfg.vbench_dimensions or (vbench.I2V_DIMENSIONS if loaded.image_conditioned else
+                                     [d for d in vbench.T2V_DIMENSIONS if d not in vbench.NEEDS_VBENCH_PROMPTS])
     write_full_info(out, clips, dims)
     metric_cols = [c for c in vbench.METRIC_DEFINITIONS if c in clips]
     agg = {c: float(clips[c].mean()) for c in metric_cols}
     agg["definitions"] = {c: vbench.METRIC_DEFINITIONS[c] for c in metric_cols}
     if cfg.vbench_python:
-        official, per_video = vbench.read_vbench_results(vbench.run_vbench(
-            out, cfg.vbench_python, dims, mode="vbench_i2v" if loaded.image_conditioned else "custom_input",
-            i2v_images=cfg.suite_images, device=cfg.device))
-        agg["vbench"] = official
-        if (score := vbench.fig1_score(official)) is not None:
+        official = vbench.run_vbench(out, cfg.vbench_python, dims, device=cfg.device,
+                                     i2v_images=str(out / "images") if loaded.image_conditioned else None)
+        _, per_video = vbench.read_vbench_results(out / "vbench_results" / "flgcore_eval_results.json")
+        agg["vbench"] = dict(official or {})
+        if (score := vbench.fig1_score(agg["vbench"])) is not None:
             agg["vbench"]["fig1_score"] = score
-        clips = clips.merge(per_video.add_prefix("vbench_").rename(columns={"vbench_video": "video"}), on="video", how="left")
+        clips = clips.merge(per_video.set_index("video").add_prefix("vbench_"), left_on="video", right_index=True,
+                            how="left")
     agg.update(loaded.info, prompts=len(items), n_per_prompt=cfg.n_per_prompt, videos=len(clips),
-               sec_per_video=elapsed / max(1, len(clips)), videos_per_hour=3600 * len(clips) / max(elapsed, 1e-9),
+               sec_per_video=sampling / max(1, len(clips)), videos_per_hour=3600 * len(clips) / max(sampling, 1e-9),
                height=h, width=w, frames=int(first[0].shape[0]) if first else None, fps=fps)
     clips.to_csv(out / "clips.csv", index=False)
     if first:
         pipelines.contact_sheet(first, out / "contact_sheet.png")
     write_json(out / "metrics.json", agg)
     print("\n".join(f"{k:>32}  {agg[k]:.4f}" for k in metric_cols))
-    print(f"{len(clips)} videos in {out / 'videos'} ({agg['sec_per_video']:.2f} s each); contact sheet {out / 'contact_sheet.png'}")
+    print(f"{len(clips)} videos in {out / 'videos'} (sampled in {agg['sec_per_video']:.2f} s each); "
+          f"contact sheet {out / 'contact_sheet.png'}")
     return agg

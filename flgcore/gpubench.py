@@ -54,7 +54,9 @@ class GpuBenchConfig:
     teacher_cfg: float = 5.0
     student_steps: int = 4
     lora_rank: int = 64
-    what: list[str] = field(default_factory=lambda: ["stage2", "stage3", "inference"])
+    what: list[str] = field(default_factory=lambda: ["stage2", "stage3", "inference"])  # + "eval" (throughput)
+    eval_prompts: int = 4          # "eval": prompts, each sampled eval_per_prompt times (seeds batched by flg eval)
+    eval_per_prompt: int = 2
     checkpointing: list[bool | float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # share of blocks recomputed
     attention: list[str] = field(default_factory=lambda: ["native"])  # diffusers backends, e.g. [native, _native_cudnn]
     compile: list[bool] = field(default_factory=lambda: [False])  # training steps with every block torch.compiled too
@@ -266,10 +268,91 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict:
             by_attention[att] = dict(theoretical_speedup=theoretical, measured_speedup=rt["sec"] / rs["sec"],
                                      ratio=rt["sec"] / rs["sec"] / theoretical, kept_blocks=len(keep))
         summary = dict(by_attention[backends[0]], by_attention=by_attention)  # the first backend's at the top level
+    if "eval" in cfg.what:
+        del model
+        summary["eval_throughput"] = [eval_throughput(cfg, out, kind) for kind in ("teacher", "student")]
+        for r in summary["eval_throughput"]:
+            print(f"eval throughput ({r['model']}): flg eval {r['flg_eval_videos_per_hour']:.1f} videos/h, plain "
+                  f"pipeline {r['plain_videos_per_hour']:.1f} videos/h, ratio {r['ratio']:.2f}", flush=True)
     dev = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"
     write_json(out / "metrics.json", dict(summary, device=dev, rows=rows))
+    if not rows:
+        return dict(summary, rows=rows)
     print(pd.DataFrame(rows)[["what", "grad_checkpointing", "attention", "compile", "sec", "tflops", "mfu", "peak_gib", "oom"]].to_string(index=False))
     for att, r in by_attention.items():
         print(f"speed-up ({att} attention): theoretical {r['theoretical_speedup']:.1f}x, measured "
               f"{r['measured_speedup']:.1f}x, ratio {r['ratio']:.2f}  [{dev}]")
     return dict(summary, rows=rows)
+
+
+# ----------------------------------------------------------------------------- evaluation throughput (what: [eval])
+
+def write_bench_pipeline(cfg: GpuBenchConfig, folder: Path) -> tuple[Path, Path]:
+    """A Wan T2V pipeline of the preset's transformer (random weights), the Wan 2.1 VAE's architecture (random
+    weights) and a one-layer text encoder (the same cost in both paths compared), plus a student folder of
+    its kept blocks with the 4-step scheduler, as `flg stage3` exports one. Returns (pipeline, student)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+    from . import synth
+    from .cache import _word_tokenizer
+    from .stage3 import export_student, student_sigmas
+    pipe_dir, student_dir = folder / "pipeline", folder / "student"
+    cfg_cpu = GpuBenchConfig(**{**vars(cfg), "device": "cpu"})
+    transformer = build(cfg_cpu).to(torch.bfloat16)
+    tokenizer, vocab = _word_tokenizer(set(synth.VOCAB), ["<pad>", "<unk>", "</s>"])
+    d = transformer.config.text_dim
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=d, d_kv=max(1, d // 8), d_ff=2 * d,
+                                               num_layers=1, num_heads=8, relative_attention_num_buckets=8))
+    tiny = cfg.preset == "tiny"
+    vae = AutoencoderKLWan(**(dict(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                   latents_std=[1.0] * 4) if tiny else {}))  # the defaults: Wan 2.1's VAE
+    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), transformer=transformer,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)).save_pretrained(pipe_dir)
+    n = len(blocks(transformer))
+    dropped = round(n * (1 - cfg.retention))
+    keep = complement(transformer, list(range((n - dropped) // 2, (n - dropped) // 2 + dropped)))
+    meta = dict(family="wan", kind="student", prediction="velocity", shift=3.0, sampler="fewstep",
+                steps=cfg.student_steps, sigmas=student_sigmas(cfg.student_steps, 3.0), cfg_scale=1.0, keep=keep,
+                pipeline=str(pipe_dir.resolve()))
+    export_student(prune(transformer, keep), None, student_dir, meta)
+    return pipe_dir, student_dir
+
+
+def eval_throughput(cfg: GpuBenchConfig, out: Path, kind: str) -> dict:
+    """Videos per hour of `flg eval` (seeds of a prompt batched, the prompt encoded once) against the plain
+    pipeline call, one video per call, on the same prompts, seeds and settings; sampling and decoding only
+    (no scoring, no file writing), each after one warm-up call."""
+    from . import pipelines, synth
+    folder = out / "eval_bench"
+    if not (folder / "student" / "flgcore.json").is_file():
+        write_bench_pipeline(cfg, folder)
+    model = folder / ("pipeline" if kind == "teacher" else "student")
+    spec = pipelines.PipeSpec(steps=cfg.teacher_steps if kind == "teacher" else None,
+                              guidance_scale=cfg.teacher_cfg if kind == "teacher" else None,
+                              height=cfg.height, width=cfg.width, frames=cfg.frames, precision="bf16"
+                              if cfg.device.startswith("cuda") else "fp32")
+    loaded = pipelines.load(str(model), spec=spec, device=cfg.device)
+    prompts = [synth.clip_spec(i).caption for i in range(cfg.eval_prompts)]
+    seeds = list(range(cfg.eval_per_prompt))
+
+    def timed(fn) -> float:
+        fn(prompts[0], seeds[:1])  # warm-up
+        _sync(cfg.device)
+        t0 = time.perf_counter()
+        for p in prompts:
+            fn(p, seeds)
+        _sync(cfg.device)
+        return time.perf_counter() - t0
+
+    def plain(prompt, seeds_):
+        for sd in seeds_:
+            if isinstance(loaded.pipe.scheduler, pipelines._SeededScheduler):
+                loaded.pipe.scheduler.generators = None  # the stock behaviour: torch's global stream
+            loaded.pipe(prompt=prompt, generator=torch.Generator().manual_seed(sd), output_type="np", **loaded.call)
+    ours = timed(lambda p, sd: pipelines.generate(loaded, p, sd))
+    stock = timed(plain)
+    n = len(prompts) * len(seeds)
+    return dict(model=kind, videos=n, blocks=loaded.info["blocks"], steps=loaded.info["steps"],
+                flg_eval_videos_per_hour=3600 * n / ours, plain_videos_per_hour=3600 * n / stock, ratio=stock / ours,
+                height=cfg.height, width=cfg.width, frames=cfg.frames)

@@ -92,3 +92,15 @@ def test_flops_at_full_size_come_exactly_from_three_small_counts():
     with torch.no_grad():
         assert abs(count_flops(make, cfg, model) / fc.get_total_flops() - 1) < 1e-9
     assert checkpointed(model) == [1, 2, 7]
+
+
+def test_gpu_bench_eval_throughput_row_on_the_cpu(tmp_path):
+    """The evaluation-throughput row's code path (tiny preset on the CPU): flg eval's sampling against the plain
+    pipeline call on the same prompts, for the teacher and its student. Its numbers are measured on a GPU."""
+    from flgcore.gpubench import GpuBenchConfig, run_gpu_bench
+    r = run_gpu_bench(GpuBenchConfig(preset="tiny", device="cpu", what=["eval"], frames=5, height=32, width=32,
+                                     teacher_steps=2, student_steps=2, eval_prompts=2, eval_per_prompt=2,
+                                     out=str(tmp_path)))
+    teacher, student = r["eval_throughput"]
+    assert teacher["model"] == "teacher" and student["blocks"] < teacher["blocks"] and student["steps"] == 2
+    assert all(x["flg_eval_videos_per_hour"] > 0 and x["plain_videos_per_hour"] > 0 for x in (teacher, student))

@@ -10,6 +10,7 @@ import torch
 from flgcore import pipelines, synth
 from flgcore.cache import write_tiny_pipeline
 from flgcore.cli import main
+from test_vbench import fake_vbench  # noqa: F401 - the fixture: a stand-in VBench environment
 
 FAMILIES = {  # write_tiny_pipeline's arguments, and the frames asked for (HunyuanVideo-I2V's latent_concat
     # pipeline drops the first 4 decoded frames: 9 asked give 5)
@@ -157,3 +158,15 @@ def test_a_moved_pipeline_needs_base_and_a_teacher_refuses_view_drop(wan_student
     assert pipelines.load(str(moved), base=meta["pipeline"]).kind == "student"
     with pytest.raises(FlgError, match="no saved drop set"):
         pipelines.load(meta["pipeline"], view="drop")
+
+
+def test_eval_reads_official_vbench_from_its_own_environment(wan_student, fake_vbench, tmp_path):  # noqa: F811
+    """The bridge inside `flg eval` (the fake environment writes VBench's results format; see test_vbench.py):
+    VBench-I2V gets each prompt's image, and its per-video values join clips.csv under vbench_<dimension>."""
+    _, student, image = wan_student
+    (tmp_path / "suite.csv").write_text(f"prompt,image\na red square moves left,{image}\n")
+    _flg("eval", f"model={student}", f"suite={tmp_path / 'suite.csv'}", "n_per_prompt=2", *SIZE, f"out={tmp_path / 'e'}",
+         f"vbench_python={fake_vbench[1]}", "vbench_dimensions=[temporal_flickering, dynamic_degree]")
+    m, clips = json.loads((tmp_path / "e" / "metrics.json").read_text()), pd.read_csv(tmp_path / "e" / "clips.csv")
+    assert set(m["vbench"]) == {"temporal_flickering", "dynamic_degree"}
+    assert clips.vbench_temporal_flickering.notna().all() and (tmp_path / "e" / "images").is_dir()
