@@ -184,8 +184,12 @@ def run_real_eval(cfg: EvalConfig) -> dict:
         raise FlgError(f"n_per_prompt and batch_size must be >= 1, got {cfg.n_per_prompt} and {cfg.batch_size}")
     spec = pipelines.PipeSpec(cfg.scheduler, cfg.steps, cfg.cfg, cfg.height, cfg.width, cfg.frames, cfg.precision,
                               cfg.vae_tiling, cfg.vae_slicing, cfg.cpu_offload)
-    loaded = pipelines.load(cfg.model, cfg.base, cfg.view, spec, cfg.device)
-    items = suites.read_suite(cfg.suite, loaded.image_conditioned, cfg.suite_images)[:cfg.n]
+    spec.check(cfg.view)
+    pipeline, meta = pipelines.resolve(cfg.model, cfg.base)
+    if cfg.view == "drop" and (meta is None or "drop" not in meta):
+        raise FlgError(f"{cfg.model} has no saved drop set (view=drop needs a Stage-II model)")
+    items = suites.read_suite(cfg.suite, pipelines.image_conditioned(pipeline), cfg.suite_images)[:cfg.n]  # before
+    loaded = pipelines.load(cfg.model, cfg.base, cfg.view, spec, cfg.device)  # the weights load: bad suites fail fast
     h, w = pipelines.video_size(loaded)
     fps = pipelines.FPS[loaded.family]
     out = Path(cfg.out)

@@ -42,6 +42,14 @@ class PipeSpec:
     vae_slicing: bool = False
     cpu_offload: bool = False          # diffusers' model CPU offload (a GPU with less memory than the pipeline)
 
+    def check(self, view: str = "full") -> None:
+        if self.scheduler not in ("euler", "default"):
+            raise FlgError(f"scheduler must be 'euler' or 'default', got {self.scheduler!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise FlgError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if view not in ("full", "drop"):
+            raise FlgError(f"view must be 'full' or 'drop', got {view!r}")
+
 
 def is_pipeline(path) -> bool:
     return (Path(path) / "model_index.json").is_file()
@@ -120,12 +128,7 @@ def load(model: str, base: str | None = None, view: str = "full", spec: PipeSpec
     from .sampling import scheduler_shift
     from .surgery import complement, prune
     spec = spec or PipeSpec()
-    if spec.scheduler not in ("euler", "default"):
-        raise FlgError(f"scheduler must be 'euler' or 'default', got {spec.scheduler!r}")
-    if spec.precision not in ("auto", "bf16", "fp32"):
-        raise FlgError(f"precision must be 'auto', 'bf16' or 'fp32', got {spec.precision!r}")
-    if view not in ("full", "drop"):
-        raise FlgError(f"view must be 'full' or 'drop', got {view!r}")
+    spec.check(view)
     pipeline, meta = resolve(model, base)
     gpu = str(device).startswith("cuda")
     dtype = torch.bfloat16 if spec.precision == "bf16" or (spec.precision == "auto" and gpu) else torch.float32

@@ -60,6 +60,15 @@ def inputs(tmp_path_factory):
     (d / "manifest.csv").write_text("video,caption\na.mp4,a red square moves left\n")
     (d / "pipe").mkdir()
     (d / "pipe" / "model_index.json").write_text("{not json")
+    from flgcore.cache import write_tiny_pipeline
+    write_tiny_pipeline(d / "i2v", image_conditioned=True)
+    (d / "t2v_suite.csv").write_text("prompt\na red square moves left\n")
+    (d / "noimage_suite.csv").write_text("prompt,image\na red square moves left,gone.png\n")
+    (d / "colour_suite.csv").write_text("prompt,image,colour\na red square moves left,x.png,red\n")
+    (d / "empty_suite.csv").write_text("")
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(d / "f.png")
+    (d / "suite.csv").write_text("prompt,image\na red square moves left,f.png\n")
     (d / "evalrun").mkdir()
     (d / "evalrun" / "clips.csv").write_text("seed,average\n1,0.5\n")
     return d
@@ -108,6 +117,16 @@ CASES = [
     ("eval-clips-missing", ["eval", "clips=nowhere", "out=e"], "clips"),
     ("eval-clips-corrupt", ["eval", "clips={d}/clips", "out=e"], "bad.npz"),
     ("eval-model-truncated", ["eval", "model={d}/trunc", "n=1", "out=e"], "trunc"),
+    ("eval-real-no-suite", ["eval", "model={d}/i2v", "out=e"], "suite="),
+    ("eval-real-t2v-suite", ["eval", "model={d}/i2v", "suite={d}/t2v_suite.csv", "out=e"], "image"),
+    ("eval-real-missing-image", ["eval", "model={d}/i2v", "suite={d}/noimage_suite.csv", "out=e"], "gone.png"),
+    ("eval-real-unknown-column", ["eval", "model={d}/i2v", "suite={d}/colour_suite.csv", "out=e"], "colour"),
+    ("eval-real-empty-suite", ["eval", "model={d}/i2v", "suite={d}/empty_suite.csv", "out=e"], "empty_suite.csv"),
+    ("eval-real-teacher-drop-view", ["eval", "model={d}/i2v", "suite={d}/suite.csv", "view=drop", "out=e"],
+     "drop set"),
+    ("eval-real-scheduler", ["eval", "model={d}/i2v", "suite={d}/suite.csv", "scheduler=heun", "out=e"], "heun"),
+    ("eval-synth-with-suite", ["eval", f"model={M}", "suite={d}/t2v_suite.csv", "out=e"], "suite"),
+    ("sample-real-no-prompt", ["sample", "--model", "{d}/i2v", "--out", "s"], "--prompt"),
     ("compare-boot", ["compare", "{d}/evalrun", "{d}/evalrun", "--boot", "0"], "boot"),
     ("compare-missing", ["compare", "{d}/evalrun", "nowhere"], "nowhere"),
     ("compare-bad-csv", ["compare", "{d}/garbage.csv", "{d}/evalrun"], "garbage.csv"),
