@@ -134,9 +134,9 @@ def cmd_sample(a):
 
 def _sample_real(a, seeds: list[int]) -> None:
     """`flg sample` of a real checkpoint: one prompt (and image), one video per seed, through its stock pipeline."""
-    from PIL import Image
     from . import pipelines
     from .config import FlgError
+    from .suites import SuiteItem, load_image
     if a.caption is None or a.drop or a.sampler:
         raise FlgError("a real checkpoint takes --prompt (and --image for image-conditioned models), --view drop for a "
                        "Stage-II model's drop view, --scheduler, not --drop/--sampler")
@@ -146,10 +146,10 @@ def _sample_real(a, seeds: list[int]) -> None:
     if loaded.image_conditioned:
         if not a.image:
             raise FlgError(f"{a.model} is image-conditioned: give --image")
-        try:
-            image = Image.open(a.image).convert("RGB").resize(tuple(reversed(pipelines.video_size(loaded))))
-        except OSError as e:
-            raise FlgError(f"cannot read image {a.image}: {e}") from None
+        if not Path(a.image).is_file():
+            raise FlgError(f"--image {a.image}: no such file")
+        # cropped and resized as `flg eval` prepares a suite's images
+        image = load_image(SuiteItem(0, a.caption, Path(a.image).resolve()), *pipelines.video_size(loaded))
     out = Path(a.out)
     videos = pipelines.generate(loaded, a.caption, seeds, image)
     for seed, v in zip(seeds, videos):

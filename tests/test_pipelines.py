@@ -170,3 +170,16 @@ def test_eval_reads_official_vbench_from_its_own_environment(wan_student, fake_v
     m, clips = json.loads((tmp_path / "e" / "metrics.json").read_text()), pd.read_csv(tmp_path / "e" / "clips.csv")
     assert set(m["vbench"]) == {"temporal_flickering", "dynamic_degree"}
     assert clips.vbench_temporal_flickering.notna().all() and (tmp_path / "e" / "images").is_dir()
+
+
+def test_flg_sample_of_a_real_student_writes_the_evals_video(wan_student, tmp_path):
+    """`flg sample` and `flg eval` make the same video for the same (model, prompt, image, seed)."""
+    _, student, image = wan_student
+    _flg("sample", "--model", student, "--prompt", "a red square moves left", "--image", image, "--seed", "3",
+         "--height", 32, "--width", 32, "--frames", 9, "--out", tmp_path / "s")
+    (tmp_path / "suite.csv").write_text(f"prompt,image\na red square moves left,{image}\n")
+    _flg("eval", f"model={student}", f"suite={tmp_path / 'suite.csv'}", "seed_offset=3", *SIZE, f"out={tmp_path / 'e'}")
+    a = pipelines.read_video(tmp_path / "s" / "a red square moves left-3.mp4")
+    b = pipelines.read_video(tmp_path / "e" / "videos" / "a red square moves left-0.mp4")
+    np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "s" / "contact_sheet.png").is_file()
