@@ -35,7 +35,7 @@ class EvalConfig:
     sigmas: list[float] | None = None
     drop: list[int] = field(default_factory=list)
     view: str = "full"            # "drop": skip the blocks a Stage-II model saved as its drop set
-    batch_size: int = 32
+    batch_size: int | None = None  # clips per sampling call; None: 32 SynthMotion clips, 4 videos of a real checkpoint
     clips: str | None = None      # evaluate saved clips (a folder of .npz from `flg sample`) instead
     videos: int = 4               # sample videos written into the run folder
     threads: int = 0
@@ -143,7 +143,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         drop = list(cfg.drop) or saved
         spec = SampleSpec(cfg.sampler, cfg.steps, cfg.cfg, cfg.shift, cfg.sigmas, drop).resolve(bundle.meta)
         t0 = time.time()
-        clips, specs = sample_seeds(bundle, spec, synth.heldout_seeds(cfg.n, cfg.seed_offset), cfg.batch_size)
+        clips, specs = sample_seeds(bundle, spec, synth.heldout_seeds(cfg.n, cfg.seed_offset), cfg.batch_size or 32)
         info = dict(sampler=spec.sampler, steps=spec.steps, cfg_scale=spec.cfg_scale, shift=spec.shift,
                     nfe=spec.nfe(), dropped_blocks=len(spec.drop), sec_per_clip=(time.time() - t0) / len(specs))
     save_config(cfg, out)
@@ -180,8 +180,9 @@ def run_real_eval(cfg: EvalConfig) -> dict:
     if not cfg.suite:
         raise FlgError(f"{cfg.model} is a real checkpoint: give suite=<CSV of prompt[,image] | VBench-I2V info JSON | "
                        f"cache:<latent cache folder>>")
-    if cfg.n_per_prompt < 1 or cfg.batch_size < 1:
-        raise FlgError(f"n_per_prompt and batch_size must be >= 1, got {cfg.n_per_prompt} and {cfg.batch_size}")
+    batch = cfg.batch_size or 4
+    if cfg.n_per_prompt < 1:
+        raise FlgError(f"n_per_prompt must be >= 1, got {cfg.n_per_prompt}")
     spec = pipelines.PipeSpec(cfg.scheduler, cfg.steps, cfg.cfg, cfg.height, cfg.width, cfg.frames, cfg.precision,
                               cfg.vae_tiling, cfg.vae_slicing, cfg.cpu_offload)
     spec.check(cfg.view)
@@ -198,25 +199,29 @@ def run_real_eval(cfg: EvalConfig) -> dict:
     rows, first, sampling = [], [], 0.0
     bar = tqdm(total=len(items) * len(seeds), desc=f"eval ({loaded.kind}, {loaded.info['steps']} steps)", unit="video",
                dynamic_ncols=True)
-    for item in items:
-        image = suites.load_image(item, h, w) if loaded.image_conditioned else None
-        if image is not None:  # VBench-I2V's custom input reads each prompt's image from <out>/images/<prompt>.png
-            vbench.save_i2v_image(out, item.prompt, image)
-        for k in range(0, len(seeds), cfg.batch_size):
-            chunk = seeds[k:k + cfg.batch_size]
-            t0 = time.time()
-            videos = pipelines.generate(loaded, item.prompt, chunk, image)
-            sampling += time.time() - t0
-            for seed, video in zip(chunk, videos):
-                path = pipelines.write_video(video, out / "videos" / f"{item.prompt}-{seed - cfg.seed_offset}.mp4", fps)
-                frames = pipelines.read_video(path)  # scored as decoded, as VBench scores the files
-                ref = np.asarray(image) if image is not None else None
-                rows.append(dict(prompt_index=item.index, prompt=item.prompt, image=str(item.image or ""),
-                                 sample=seed - cfg.seed_offset, seed=seed, video=path.name,
-                                 **vbench.video_scores(frames, fps, ref)))
-                if len(first) < cfg.videos:
-                    first.append(frames)
-                bar.update(1)
+    # a batch: seeds of one prompt with its image (I2V), or of several prompts (T2V); in suite order either way
+    pairs = [(item, seed) for item in items for seed in seeds]
+    batches = ([pairs[k:k + batch] for k in range(0, len(pairs), batch)] if not loaded.image_conditioned
+               else [[(item, s) for s in seeds[k:k + batch]] for item in items for k in range(0, len(seeds), batch)])
+    image, image_of = None, None
+    for chunk in batches:
+        item = chunk[0][0]
+        if loaded.image_conditioned and image_of != item.index:
+            image, image_of = suites.load_image(item, h, w), item.index
+            vbench.save_i2v_image(out, item.prompt, image)  # VBench-I2V's custom input: <out>/images/<prompt>.png
+        t0 = time.time()
+        videos = pipelines.generate(loaded, [it.prompt for it, _ in chunk], [s for _, s in chunk], image)
+        sampling += time.time() - t0
+        for (item, seed), video in zip(chunk, videos):
+            path = pipelines.write_video(video, out / "videos" / f"{item.prompt}-{seed - cfg.seed_offset}.mp4", fps)
+            frames = pipelines.read_video(path)  # scored as decoded, as VBench scores the files
+            ref = np.asarray(image) if image is not None else None
+            rows.append(dict(prompt_index=item.index, prompt=item.prompt, image=str(item.image or ""),
+                             sample=seed - cfg.seed_offset, seed=seed, video=path.name,
+                             **vbench.video_scores(frames, fps, ref)))
+            if len(first) < cfg.videos:
+                first.append(frames)
+            bar.update(1)
     bar.close()
     clips = pd.DataFrame(rows)
     # VBench's custom-input mode scores these (not the six dimensions that need VBench's own prompts)

@@ -195,32 +195,44 @@ def video_size(loaded: Loaded) -> tuple[int, int]:
     return tuple(int(loaded.call.get(k, params[k].default)) for k in ("height", "width"))
 
 
-def generate(loaded: Loaded, prompt: str, seeds: list[int], image=None) -> np.ndarray:
-    """Videos [len(seeds), F, H, W, 3] uint8 of one prompt (and conditioning image), one per seed, in one
-    pipeline call: the prompt is encoded once for all of them."""
-    if loaded.image_conditioned and image is None:
-        raise FlgError(f"this pipeline is image-conditioned: prompt {prompt!r} needs an image")
+def _encode(loaded: Loaded, prompt: str, image=None) -> dict[str, torch.Tensor]:
+    """One prompt's pipeline inputs (batch 1), as the pipeline itself would encode them."""
+    pipe, dev = loaded.pipe, loaded.pipe._execution_device
+    if loaded.family == "wan":
+        cfg = loaded.call.get("guidance_scale", 5.0) > 1  # 5.0: the Wan pipelines' default
+        pe, ne = pipe.encode_prompt(prompt, None, cfg, 1, max_sequence_length=512, device=dev)
+        return dict(prompt_embeds=pe, **({"negative_prompt_embeds": ne} if ne is not None else {}))
+    if loaded.image_conditioned:  # HunyuanVideo-I2V: LLaVA reads the image with the prompt
+        kind = pipe.transformer.config.image_condition_type
+        enc = pipe.encode_prompt(image=image, prompt=prompt, device=dev,
+                                 image_embed_interleave=4 if kind == "token_replace" else 2)
+    else:
+        enc = pipe.encode_prompt(prompt=prompt, device=dev)
+    return dict(zip(("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask"), enc))
+
+
+def generate(loaded: Loaded, prompt: str | list[str], seeds: list[int], image=None) -> np.ndarray:
+    """Videos [len(seeds), F, H, W, 3] uint8, one per seed, in one pipeline call: of one prompt, or of one prompt per
+    seed (text-to-video: several prompts per batch), each distinct prompt encoded once.
+
+    The prompts are encoded here and handed over as embeddings: with num_videos_per_prompt > 1 Wan 2.1 I2V's
+    pipeline repeats its CLIP image tokens per prompt, not per video, and HunyuanVideo-I2V's encodes one video's
+    worth of LLaVA tokens and one image's latents (diffusers 0.42)."""
+    prompts = [prompt] * len(seeds) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(seeds):
+        raise FlgError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+    if loaded.image_conditioned and (image is None or len(set(prompts)) > 1):
+        raise FlgError(f"this pipeline is image-conditioned: one prompt and its image per call (got {len(set(prompts))} "
+                       f"prompts{' and no image' if image is None else ''})")
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU generators: the same noise on every device
     if isinstance(loaded.pipe.scheduler, _SeededScheduler):
         loaded.pipe.scheduler.generators = [torch.Generator().manual_seed(int(s) + RENOISE_OFFSET) for s in seeds]
-    pipe, kw = loaded.pipe, dict(image=image) if loaded.image_conditioned else {}
     with torch.no_grad():
-        if loaded.family == "wan":  # encoded here, once, for all the seeds: Wan 2.1 I2V's pipeline repeats its CLIP
-            # image tokens per prompt, not per video, so num_videos_per_prompt > 1 fails there
-            cfg = loaded.call.get("guidance_scale", 5.0) > 1  # 5.0: the Wan pipelines' default
-            pe, ne = pipe.encode_prompt(prompt, None, cfg, len(seeds), max_sequence_length=512,
-                                        device=pipe._execution_device)
-            kw.update(prompt_embeds=pe, negative_prompt_embeds=ne)
-        elif loaded.image_conditioned:  # HunyuanVideo-I2V: encoded once too; its latents need one image per video
-            kind = pipe.transformer.config.image_condition_type
-            enc = pipe.encode_prompt(image=image, prompt=prompt, device=pipe._execution_device,
-                                     image_embed_interleave=4 if kind == "token_replace" else 2)
-            pe, pooled, mask = (t.repeat_interleave(len(seeds), 0) for t in enc)  # its LLaVA path ignores
-            kw.update(image=[image] * len(seeds), prompt_embeds=pe, pooled_prompt_embeds=pooled,  # num_videos_per_prompt
-                      prompt_attention_mask=mask)
-        else:
-            kw.update(prompt=prompt, num_videos_per_prompt=len(seeds))
-        out = pipe(generator=gens, output_type="np", **loaded.call, **kw).frames
+        encoded = {p: _encode(loaded, p, image) for p in dict.fromkeys(prompts)}
+        kw = {k: torch.cat([encoded[p][k] for p in prompts]) for k in encoded[prompts[0]]}
+        if loaded.image_conditioned:
+            kw["image"] = image if loaded.family == "wan" else [image] * len(seeds)  # HunyuanVideo: one per video
+        out = loaded.pipe(generator=gens, output_type="np", **loaded.call, **kw).frames
     video = np.asarray(out, dtype=np.float32)
     return (video * 255).round().clip(0, 255).astype(np.uint8)
 
