@@ -10,7 +10,7 @@
 # INIT=flgcore/assets/synth-tiny BUDGET=450 STEPS=3200 LR=3e-4 (its whole cosine in 5.2 min on one H100, 0.097 s per
 # step; average 0.640 -> 0.752); v3 is three runs, each warm-started from the one before (0.752 -> 0.837 -> 0.845 -> 0.903).
 #
-# Env: R (runs/gpu-teacher: the run, its export in $R/teacher/model, its evaluation in $R/eval-teacher), BUDGET
+# Env: CONFIG (configs/pretrain_synth_tiny.yaml; configs/pretrain_synth_deep.yaml for the 32-block teacher), R (runs/gpu-teacher: the run, its export in $R/teacher/model, its evaluation in $R/eval-teacher), BUDGET
 # seconds of training (0: no limit; a run stopped at its budget is exported from its last checkpoint), STEPS
 # cosine length (6000), BATCH (128), LR (6e-4), WORKERS data processes (12), COMPILE (true: torch.compile the
 # model in place; if that run dies before its first checkpoint, the rest of the budget trains eagerly), N
@@ -24,7 +24,7 @@ fi
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20 OMP_NUM_THREADS=1
 R=${R:-runs/gpu-teacher}; mkdir -p $R
 BUDGET=${BUDGET:-0} STEPS=${STEPS:-6000} BATCH=${BATCH:-128} LR=${LR:-6e-4} WORKERS=${WORKERS:-12}
-COMPILE=${COMPILE:-true} DEVICE=${DEVICE:-cuda} INIT=${INIT:-} N=${N:-256}
+COMPILE=${COMPILE:-true} DEVICE=${DEVICE:-cuda} INIT=${INIT:-} N=${N:-256} CONFIG=${CONFIG:-configs/pretrain_synth_tiny.yaml}
 flg() { python3 -m flgcore.cli "$@"; }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
@@ -32,7 +32,7 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 T=$R/teacher
 rm -rf $T  # start from an empty run folder: a run left there would be resumed, and INIT ignored
 train() {  # seconds (0: no limit), compile flag
-  timeout "$1" python3 -m flgcore.cli pretrain --config configs/pretrain_synth_tiny.yaml out=$T device=$DEVICE threads=1 \
+  timeout "$1" python3 -m flgcore.cli pretrain --config $CONFIG out=$T device=$DEVICE threads=1 \
     workers=$WORKERS batch_size=$BATCH lr=$LR steps=$STEPS warmup=200 ema_decay=0.999 ckpt_every=200 compile="$2" \
     ${INIT:+init_from=$INIT} >>$R/teacher.log 2>&1
 }
