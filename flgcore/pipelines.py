@@ -182,17 +182,21 @@ def load(model: str, base: str | None = None, view: str = "full", spec: PipeSpec
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     info = dict(kind=kind, pipeline=str(pipeline), scheduler=type(pipe.scheduler).__name__.replace("Seeded", ""),
-                steps=call["num_inference_steps"], guidance_scale=call.get("guidance_scale"), shift=shift,
+                steps=call["num_inference_steps"], shift=shift,
+                guidance_scale=call.get("guidance_scale", _call_default(pipe, "guidance_scale")),
                 dtype=str(dtype).replace("torch.", ""), blocks=sum(len(getattr(pipe.transformer, a))
                                                                   for _, a, _ in family_of(pipe.transformer).groups))
     return Loaded(pipe, kind, family, image_conditioned(pipeline), call, info)
 
 
+def _call_default(pipe, name: str):
+    import inspect
+    return inspect.signature(type(pipe).__call__).parameters[name].default
+
+
 def video_size(loaded: Loaded) -> tuple[int, int]:
     """(height, width) the pipeline makes: the call's, else its __call__ defaults."""
-    import inspect
-    params = inspect.signature(type(loaded.pipe).__call__).parameters
-    return tuple(int(loaded.call.get(k, params[k].default)) for k in ("height", "width"))
+    return tuple(int(loaded.call.get(k, _call_default(loaded.pipe, k))) for k in ("height", "width"))
 
 
 def _encode(loaded: Loaded, prompt: str, image=None) -> dict[str, torch.Tensor]:
