@@ -184,7 +184,7 @@ def run_real_eval(cfg: EvalConfig) -> dict:
     if cfg.n_per_prompt < 1:
         raise FlgError(f"n_per_prompt must be >= 1, got {cfg.n_per_prompt}")
     spec = pipelines.PipeSpec(cfg.scheduler, cfg.steps, cfg.cfg, cfg.height, cfg.width, cfg.frames, cfg.precision,
-                              cfg.vae_tiling, cfg.vae_slicing, cfg.cpu_offload)
+                              cfg.vae_tiling, cfg.vae_slicing, cfg.cpu_offload, list(cfg.drop))
     spec.check(cfg.view)
     pipeline, meta = pipelines.resolve(cfg.model, cfg.base)
     if cfg.view == "drop" and (meta is None or "drop" not in meta):

@@ -15,7 +15,7 @@ it was sampled in nor the order of the suite changes it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class PipeSpec:
     vae_tiling: bool = False
     vae_slicing: bool = False
     cpu_offload: bool = False          # diffusers' model CPU offload (a GPU with less memory than the pipeline)
+    drop: list[int] = field(default_factory=list)  # blocks pruned away before sampling (an untrained skip view)
 
     def check(self, view: str = "full") -> None:
         if self.scheduler not in ("euler", "default"):
@@ -93,7 +94,7 @@ class _SeededScheduler:
 @dataclass
 class Loaded:
     pipe: object
-    kind: str               # "teacher", "full", "drop", "pruned" or "student"
+    kind: str               # "teacher", "full", "drop", "skip" (given blocks pruned away), "pruned" or "student"
     family: str
     image_conditioned: bool
     call: dict              # fixed pipeline-call arguments (steps, guidance, size)
@@ -136,11 +137,14 @@ def load(model: str, base: str | None = None, view: str = "full", spec: PipeSpec
     kind = {"stage2": view, "diffusers": "teacher"}.get(kind, kind)
     if view == "drop" and (meta is None or "drop" not in meta):
         raise FlgError(f"{model} has no saved drop set (view=drop needs a Stage-II model)")
+    drop = list(spec.drop) or (list(meta["drop"]) if view == "drop" else [])
+    kind = "skip" if spec.drop else kind
     extra = {}
-    if meta is not None:  # the flgcore model's transformer replaces the pipeline's
-        transformer = load_transformer(Path(model) / "transformer", dtype=dtype)  # diffusers keeps its fp32 modules
-        if view == "drop":
-            transformer = prune(transformer, complement(transformer, meta["drop"]))
+    if meta is not None or drop:  # the flgcore model's transformer, or a pruned one, replaces the pipeline's
+        transformer = load_transformer((Path(model) if meta is not None else pipeline) / "transformer",
+                                       dtype=dtype)  # loaded in its dtype: diffusers keeps its fp32 modules
+        if drop:
+            transformer = prune(transformer, complement(transformer, drop))
         extra["transformer"] = transformer
     index = _index(pipeline)
     if "transformer_2" in index:  # Wan 2.2 A14B's low-noise expert: not part of what flgcore compresses

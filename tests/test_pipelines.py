@@ -187,3 +187,13 @@ def test_flg_sample_of_a_real_student_writes_the_evals_video(wan_student, tmp_pa
     b = pipelines.read_video(tmp_path / "e" / "videos" / "a red square moves left-0.mp4")
     np.testing.assert_array_equal(a, b)
     assert (tmp_path / "s" / "contact_sheet.png").is_file()
+
+
+def test_drop_prunes_given_blocks_of_a_pipelines_teacher(tmp_path):
+    """`drop=[...]` on a pipeline: the untrained skip view (Stage II's starting point), sampled as the teacher."""
+    pipe = write_tiny_pipeline(tmp_path / "p", image_conditioned=False)
+    spec = dict(steps=2, height=32, width=32, frames=5)
+    full, skip = (pipelines.load(str(pipe), spec=pipelines.PipeSpec(**spec, drop=d)) for d in ([], [1, 2]))
+    assert (full.info["blocks"], skip.info["blocks"], skip.kind) == (4, 2, "skip")
+    assert not np.array_equal(pipelines.generate(full, "a red square moves left", [0]),
+                              pipelines.generate(skip, "a red square moves left", [0]))
