@@ -84,9 +84,45 @@ def run_folders(runs_root: str | Path, notebooks: list[str]) -> list[Path]:
     return sorted(p.parent for nb in notebooks for p in (Path(runs_root) / nb).glob("**/config.yaml"))
 
 
+# a real checkpoint's weight-free scores in [0, 1] (flg eval; vbench.METRIC_DEFINITIONS labels each): their mean is
+# the "average" of a table without official VBench dimensions, and the table says so in `scored_by`
+WEIGHT_FREE = ["temporal_flickering", "dynamic_degree_farneback_proxy", "motion_smoothness_proxy", "first_frame_ssim"]
+
+
+def real_scores_table(results: dict[str, dict]) -> pd.DataFrame:
+    """One row per named `flg eval` of a real checkpoint: the weight-free scores, VBench's dimensions as
+    vbench_<dimension> where VBench ran, `average` (of VBench's dimensions, else of the weight-free ones),
+    `scored_by`, and the paper's Fig. 1 score (VBench only)."""
+    from .vbench import METRIC_DEFINITIONS
+    rows = {}
+    for name, r in results.items():
+        official = {k: v for k, v in (r.get("vbench") or {}).items() if k != "fig1_score"}
+        row = {k: r[k] for k in METRIC_DEFINITIONS if k in r}
+        row.update({f"vbench_{k}": v for k, v in official.items()})
+        own = [row[k] for k in WEIGHT_FREE if k in row]
+        row["average"] = float(np.mean(list(official.values()) if official else own)) if official or own else np.nan
+        row["scored_by"] = "VBench" if official else "weight-free (VBench's flickering, labelled proxies)"
+        row["fig1_score"] = (r.get("vbench") or {}).get("fig1_score", np.nan)
+        row["nfe"] = r.get("steps", np.nan) * (2 if (r.get("guidance_scale") or 1) > 1 else 1)
+        rows[name] = row
+    return pd.DataFrame(rows).T.infer_objects()
+
+
+def plot_metrics(table: pd.DataFrame) -> list[str]:
+    """The columns a notebook's bar charts show: SynthBench's text alignment, imaging quality, dynamic degree and
+    average; for a real checkpoint VBench's dimensions where it ran, else the weight-free scores."""
+    if "scored_by" not in table:
+        return ["text_alignment", "imaging_quality", "dynamic_degree", "average"]
+    vb = [c for c in table.columns if c.startswith("vbench_")]
+    return (vb[:3] if vb else [c for c in WEIGHT_FREE[:3] if c in table]) + ["average"]
+
+
 def scores_table(results: dict[str, dict], keys: list[str] | None = None) -> pd.DataFrame:
-    """One row per named result (SynthBench metrics.json dicts), the dimensions as columns, plus Fig. 1's score."""
+    """One row per named result (SynthBench metrics.json dicts), the dimensions as columns, plus Fig. 1's score
+    (a real checkpoint's evaluations: `real_scores_table`)."""
     from .synthbench import DIMENSIONS
+    if results and all("definitions" in r for r in results.values()):
+        return real_scores_table(results)
     keys = keys or [*DIMENSIONS, "average", "frechet_distance"]
     df = pd.DataFrame([{**{k: r.get(k, np.nan) for k in keys}, "nfe": r.get("nfe", np.nan)} for r in results.values()],
                       index=list(results))

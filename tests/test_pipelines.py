@@ -197,3 +197,16 @@ def test_drop_prunes_given_blocks_of_a_pipelines_teacher(tmp_path):
     assert (full.info["blocks"], skip.info["blocks"], skip.kind) == (4, 2, "skip")
     assert not np.array_equal(pipelines.generate(full, "a red square moves left", [0]),
                               pipelines.generate(skip, "a red square moves left", [0]))
+
+
+def test_a_real_checkpoints_table_says_what_scored_it():
+    from flgcore import report
+    own = dict(temporal_flickering=0.9, dynamic_degree_farneback_proxy=0.5, motion_smoothness_proxy=0.7,
+               first_frame_psnr=30.0, first_frame_ssim=0.8, definitions={}, steps=4, guidance_scale=1.0)
+    vb = dict(own, vbench=dict(dynamic_degree=0.6, aesthetic_quality=0.5, imaging_quality=0.7, fig1_score=0.6))
+    t = report.scores_table({"weight-free": own, "with VBench": vb})
+    assert t.loc["weight-free", "average"] == pytest.approx((0.9 + 0.5 + 0.7 + 0.8) / 4)  # PSNR is not in [0, 1]
+    assert t.loc["with VBench", "average"] == pytest.approx(0.6) and t.loc["with VBench", "fig1_score"] == 0.6
+    assert t.loc["weight-free", "scored_by"].startswith("weight-free") and t.loc["with VBench", "scored_by"] == "VBench"
+    assert report.plot_metrics(t)[-1] == "average" and report.plot_metrics(t)[0].startswith("vbench_")
+    assert report.plot_metrics(report.scores_table({"a": own}))[0] == "temporal_flickering"
