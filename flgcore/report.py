@@ -37,7 +37,7 @@ def _stage(name: str):
             "stage3": (Stage3Config, run_stage3), "eval": (EvalConfig, run_eval)}[name]
 
 
-def run(stage: str, reuse=(), **fields) -> dict:
+def run(stage: str, reuse=(), launcher="local", **fields) -> dict:
     """Run `stage` (stage1, stage2, stage3, eval) with these config fields unless its run folder already
     holds a finished run of the same config made from the same input weights; returns its metrics.json
     (see `run_folder`, which also takes finished runs of the same config from other folders).
@@ -45,37 +45,59 @@ def run(stage: str, reuse=(), **fields) -> dict:
     The inputs (`model`, and Stage II's `selection`) are compared by content (`models.fingerprint`), not by
     name: a notebook executed again after a new teacher was shipped as `synth-tiny` must not show the old
     teacher's results. A folder made with another config or other inputs is removed and run again (a stage
-    would otherwise resume from its checkpoints); one with the same, left unfinished, is resumed."""
-    return read_json(run_folder(stage, reuse, **fields) / "metrics.json")
+    would otherwise resume from its checkpoints); one with the same, left unfinished, is resumed.
+
+    `launcher`: "local" (this process) or a Slurm launcher YAML (`launch.py`), for every function below."""
+    return read_json(run_folder(stage, reuse, launcher, **fields) / "metrics.json")
 
 
-def run_folder(stage: str, reuse=(), **fields) -> Path:
+def run_folder(stage: str, reuse=(), launcher="local", **fields) -> Path:
     """The folder of a finished run of this config: a finished twin in one of the `reuse` folders (apart from
     its `out`: a later notebook takes an earlier one's run rather than training the same model twice), else
-    `out`, run there by `run`'s rules (`runs.run_status` decides what a folder holds)."""
+    `out`, run there by `run`'s rules (`runs.run_status` decides what a folder holds) by the launcher."""
+    from .launch import launcher as launcher_of
     if twin := finished_twin(stage, fields, reuse):
         return twin
-    import shutil
-    cls, fn = _stage(stage)
+    cls, _ = _stage(stage)
     cfg = from_dict(cls, fields)
     check_values(cfg)  # before the folder is made or cleared
+    if run_status(cfg, cfg.out) != "finished":
+        launcher_of(launcher).run([[(stage, fields)]])
+    return Path(cfg.out)
+
+
+def prepare(stage: str, fields: dict):
+    """Make `out` ready for this run, by `run`'s rules: (its config, the folder's status before). A finished
+    run is left as it is; a folder of another config or other inputs is cleared; the config and inputs are
+    recorded for the stages that do not do it themselves (eval, Stage I)."""
+    import shutil
+    cls, _ = _stage(stage)
+    cfg = from_dict(cls, fields)
+    check_values(cfg)
     out = Path(cfg.out)
     status = run_status(cfg, out)
     if status == "finished":
-        return out
+        return cfg, status
     if status == "foreign":
         raise FlgError(f"{out} exists and is not a run folder; choose another `out`")
     if status == "other":
         print(f"{out}: made with another config or other input weights; running it again")
         shutil.rmtree(out)
-    start_run(cfg, out)  # records config and inputs for the stages that do not do it themselves (eval, Stage I)
-    fn(cfg)
-    return out
+    start_run(cfg, out)
+    return cfg, status
 
 
-def evaluated(reuse=(), **fields) -> dict:
+def run_work(work: list[tuple[str, dict]]) -> None:
+    """Run each (stage, fields) of a work in this process, in order, unless finished (a local launcher's job)."""
+    for stage, fields in work:
+        cfg, status = prepare(stage, fields)
+        if status != "finished":
+            _stage(stage)[1](cfg)
+
+
+def evaluated(reuse=(), launcher="local", **fields) -> dict:
     """`flg eval` with these fields, cached like `run` (and reused from `reuse` like `run_folder`)."""
-    return run("eval", reuse, **fields)
+    return run("eval", reuse, launcher, **fields)
 
 
 def run_folders(runs_root: str | Path, notebooks: list[str]) -> list[Path]:
@@ -362,11 +384,6 @@ def best_stage2_model(runs_root: str | Path) -> str:
     return str((found[0] if found else nb02 / f"alpha_{best}") / "model")
 
 
-def _run_and_evaluate(stage: str, fields: dict, eval_fields: dict) -> None:
-    run(stage, **fields)
-    evaluated(**eval_fields)
-
-
 def finished_twin(stage: str, fields: dict, folders) -> Path | None:
     """The first of `folders` that holds a finished run of this config (apart from its `out`) made from the
     same input weights, or None."""
@@ -381,17 +398,19 @@ def finished_twin(stage: str, fields: dict, folders) -> Path | None:
 
 
 def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_fields: dict,
-          model_subdir: str = "model", jobs: int = 1, reuse=()) -> pd.DataFrame:
+          model_subdir: str = "model", jobs: int = 1, reuse=(), launcher="local") -> pd.DataFrame:
     """Run `stage` once per value of config field `key` (each in out/<key>_<value>), evaluate what it
     made with `flg eval` (eval_fields: n, steps, view...), and return one SynthBench row per value.
 
     jobs > 1 runs the values in that many processes at once: a tiny model leaves most of a GPU idle, so
     several runs share one at nearly the speed of one. Each run is a pure function of its config, so the
-    table is the same for any `jobs`.
+    table is the same for any `jobs`. With a Slurm launcher every value is a job (its run, then its
+    evaluation), all submitted at once.
 
     A value whose config is that of a finished run in `reuse` (folders of an earlier sweep: notebook 02's
     drop-mode sweep holds the alpha sweep's winner again) takes that run and its evaluation rather than
     training the same model twice."""
+    from .launch import launcher as launcher_of
     todo = []
     reuse = list(reuse)
     for v in values:
@@ -400,13 +419,11 @@ def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_
         run_dir = finished_twin(stage, fields, reuse) or Path(out) / tag
         todo.append((v, dict(fields, out=str(run_dir)),
                      dict(eval_fields, model=str(run_dir / model_subdir), out=str(run_dir / "eval"))))
-    if jobs > 1 and len(todo) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_run_and_evaluate, [stage] * len(todo), [t[1] for t in todo], [t[2] for t in todo]))
+    for _, fields, _ev in todo:  # refuse a bad value before anything runs
+        check_values(from_dict(_stage(stage)[0], fields))
+    launcher_of(launcher, jobs).run([[(stage, fields), ("eval", ev)] for _, fields, ev in todo])
     results = {}
-    for v, fields, ev in todo:  # after a parallel pass these only read the finished run folders
+    for v, fields, ev in todo:  # now these only read the finished run folders
         run(stage, **fields)
         results[v if isinstance(v, (int, float, str)) else str(v)] = evaluated(**ev)
     table = scores_table(results)
