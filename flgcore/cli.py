@@ -183,9 +183,11 @@ def cmd_bench(a):
 
 
 def cmd_notebooks(a):
+    """`run` (exit status 3 when runs are pending on Slurm, 2 when a notebook failed) or `plan` (nothing runs)."""
     import yaml
     from .config import FlgError, check_values
-    from .notebooks import run_label, run_notebooks
+    from .launch import PENDING_EXIT
+    from .notebooks import plan_notebooks, run_label, run_notebooks
     params = {}
     for kv in a.param or []:
         if "=" not in kv:
@@ -196,14 +198,32 @@ def cmd_notebooks(a):
         except yaml.YAMLError:
             raise FlgError(f"-p {kv}: the value is not valid YAML") from None
     check_values(dict(params, out=a.out))  # named like the config fields, so checked by the same rules
-    status = run_notebooks(a.profile, a.only, params, a.out, a.force)
+    if a.action == "plan":
+        status, table = plan_notebooks(a.profile, a.only, params, a.out, a.bench, a.force)
+    else:
+        status = run_notebooks(a.profile, a.only, params, a.out, a.force)
     width = max(map(len, status))
     for name, st in status.items():
         print(f"{name:<{width}}  {st}")
+    if a.action == "plan":
+        import pandas as pd
+        with pd.option_context("display.max_colwidth", 80, "display.width", 200, "display.float_format", "{:.3g}".format):
+            print(f"runs under {a.out}/{run_label(a.profile, params.get('model'))}/:")
+            print(table.to_string(index=False) if len(table) else "no runs")
+        todo = table[table.status != "finished"]
+        known = todo.gpu_hours.dropna()
+        print(f"{len(todo)} runs to start ({known.sum():.3g} GPU-hours for the {len(known)} estimated), "
+              f"{len(table) - len(todo)} finished; runs after a pending one are not listed (they need its results)")
+        return
     failed = [n for n, st in status.items() if st.startswith("FAILED")]
     if failed:
         raise FlgError(f"{len(failed)} notebook(s) failed: {', '.join(failed)} (executed copies under "
                        f"{a.out}/{run_label(a.profile, params.get('model'))}/)")
+    pending = [n for n, st in status.items() if st.startswith("pending")]
+    if pending:
+        print(f"flg: {', '.join(pending)}: runs pending on Slurm; run the same command again when they finish",
+              file=sys.stderr)
+        sys.exit(PENDING_EXIT)
 
 
 def cmd_cache(a):
@@ -322,13 +342,20 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("notebooks", help="execute the analysis notebooks with papermill")
     nsub = s.add_subparsers(dest="action", required=True)
-    r = nsub.add_parser("run", help="run the notebooks in dependency order into runs/notebooks/<profile>/")
-    r.add_argument("--profile", default="quick", choices=["quick", "full"])
-    r.add_argument("--only", action="append", help="a notebook name, e.g. 01_block_importance (repeatable)")
-    r.add_argument("-p", "--param", action="append", help="key=value parameter for every notebook that has it")
-    r.add_argument("--out", default="runs/notebooks")
-    r.add_argument("--force", action="store_true", help="re-execute notebooks that already finished")
-    r.set_defaults(fn=cmd_notebooks)
+    for action, hlp in (("run", "run the notebooks in dependency order into runs/notebooks/<profile>/ (exit status 3: "
+                                "runs pending on Slurm, run it again later)"),
+                        ("plan", "list the runs `run` would start, the finished ones, and GPU-hours per run; starts "
+                                 "nothing")):
+        r = nsub.add_parser(action, help=hlp)
+        r.add_argument("--profile", default="quick", choices=["quick", "full"])
+        r.add_argument("--only", action="append", help="a notebook name, e.g. 01_block_importance (repeatable)")
+        r.add_argument("-p", "--param", action="append", help="key=value parameter for every notebook that has it "
+                       "(launcher=<Slurm launcher YAML>: every run a Slurm job)")
+        r.add_argument("--out", default="runs/notebooks")
+        r.add_argument("--force", action="store_true", help="re-execute notebooks that already finished")
+        if action == "plan":
+            r.add_argument("--bench", help="flg bench --gpu's bench_gpu.csv: step times for runs not measured yet")
+        r.set_defaults(fn=cmd_notebooks)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ok = False

@@ -5,6 +5,10 @@ figures it writes). A notebook whose executed copy finished with the same parame
 failing one is reported at the end (with its error) and the others still run; the exit status is
 non-zero if any failed. Profiles: `quick` (a 2-core CPU, minutes) and `full` (the testbed at the size
 that reproduces the paper's trends; a GPU is recommended).
+
+`-p launcher=<Slurm launcher YAML>` sends every run to Slurm (`launch.py`); with `wait: false` a notebook whose
+runs were submitted stops as "pending: N runs" and the later ones (which read its runs) wait for it.
+`plan_notebooks` (`flg notebooks plan`) executes them with a launcher that only records what would run.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "01_block_importance": dict(n=64, sigmas=[0.1, 0.3, 0.5, 0.7, 0.9], retentions=[0.9, 0.8, 0.7, 0.6, 0.5],
                                     clip_steps=50),
         "02_stage2_ablations": dict(steps=400, batch_size=16, eval_n=256, eval_steps=50, alphas=[0.0, 0.5, 1.0],
-                                    retentions=[0.8, 0.7, 0.6]),
+                                    retentions=[0.8, 0.7, 0.6], val_n=64, lengths=[2000, 4000], lrs=[6e-5, 2e-5]),
         # Stage III at configs/stage3_synth_tiny.yaml's length and batch (~9 min per run on 2 CPU threads); the
         # Stage-II-only row sampled as the teacher is (the paper's Table 6 used 28 steps)
         "03_stage3_ablations": dict(steps=300, batch_size=12, eval_n=256, eval_steps=50, beta1s=[1.0, 2.0, 3.5],
@@ -62,7 +66,8 @@ def at_repo_root() -> Path:
 
 
 # parameters that name files or folders (made absolute by `run_notebooks` when the notebooks' folder is not here)
-PATH_PARAMETERS = ("model", "data", "stage1_run", "stage2_model")
+PATH_PARAMETERS = ("model", "data", "stage1_run", "stage2_model", "launcher")
+RUNTIME_PARAMETERS = ("launcher",)  # how the runs execute, not what they compute: a change does not redo a notebook
 
 
 def parameters_of(path: Path) -> dict:
@@ -110,7 +115,8 @@ def _done(executed: Path, params: dict, src: Path) -> bool:
         return False
     nb = json.loads(executed.read_text())
     pm = nb.get("metadata", {}).get("papermill", {})
-    return (pm.get("parameters") == params and bool(pm.get("end_time")) and not pm.get("exception")
+    same = lambda p: {k: v for k, v in (p or {}).items() if k not in RUNTIME_PARAMETERS}  # noqa: E731
+    return (same(pm.get("parameters")) == same(params) and bool(pm.get("end_time")) and not pm.get("exception")
             and _code(nb) == _code(json.loads(src.read_text())))
 
 
@@ -138,9 +144,11 @@ def run_label(profile: str, model: str | None) -> str:
 
 
 def run_notebooks(profile: str = "quick", only: list[str] | None = None, params: dict | None = None,
-                  out: str | Path = "runs/notebooks", force: bool = False) -> dict[str, str]:
-    """Execute the notebooks; returns {name: "ok" | "reused" | "skipped: why" | error line}."""
+                  out: str | Path = "runs/notebooks", force: bool = False, executed_to: Path | None = None) -> dict[str, str]:
+    """Execute the notebooks; returns {name: "ok" | "reused" | "skipped: why" | "pending: N runs" | "waits for X" |
+    error line}. `executed_to`: write the executed copies there instead of beside their runs (a plan)."""
     import papermill as pm
+    from .launch import PENDING_RE, slurm_of
     if profile not in PROFILES:
         raise FlgError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     names = ORDER if not only else only
@@ -163,14 +171,21 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
             if isinstance(params.get(k), str) and params[k] and Path(params[k]).exists():
                 params[k] = str(Path(params[k]).resolve())
         out, figures = Path(out).resolve(), figures.resolve()
-    params.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # every stage and eval runs there
+    slurm = slurm_of(params.get("launcher"))  # a bad launcher file is refused before anything runs
+    # every stage and eval runs there: here, or on the Slurm jobs' nodes
+    gpu = slurm.gpus_per_node > 0 if slurm is not None else torch.cuda.is_available()
+    params.setdefault("device", "cuda" if gpu else "cpu")
     # a sweep's runs at once: the tiny testbed model leaves most of a GPU idle; on a CPU they would only
     # compete for the same cores
     params.setdefault("jobs", 4 if params["device"].startswith("cuda") else 1)
     status: dict[str, str] = {}
+    waiting = None  # the first notebook whose runs are pending: the later ones read them
     for name in tqdm(names, desc=f"notebooks ({label}, {params['device']})", dynamic_ncols=True):
         if real and name not in REAL_CHECKPOINT:
             status[name] = "skipped: SynthBench scores need a testbed model, not a real checkpoint"
+            continue
+        if waiting:
+            status[name] = f"waits for {waiting}"
             continue
         src = NOTEBOOK_DIR / f"{name}.ipynb"
         run_dir = Path(out) / label / name
@@ -185,12 +200,77 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
             status[name] = "reused"
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
+        if executed_to is not None:
+            executed = Path(executed_to) / f"{name}.ipynb"
         try:
             pm.execute_notebook(str(src), str(executed), parameters=p, kernel_name="python3", progress_bar=False,
                                 cwd=str(Path.cwd()))
-            (run_dir / "inputs.json").write_text(json.dumps(_inputs(p)))
+            if executed_to is None:
+                (run_dir / "inputs.json").write_text(json.dumps(_inputs(p)))
             status[name] = "ok"
         except Exception as e:  # noqa: BLE001 - any notebook failure is reported, the rest still run
+            if getattr(e, "ename", "") == "Pending" and (m := PENDING_RE.search(str(getattr(e, "evalue", "")))):
+                status[name], waiting = f"pending: {m.group(1)} runs", name
+                continue
             line = str(e).strip().splitlines()
             status[name] = "FAILED: " + (next((l for l in reversed(line) if l.strip()), type(e).__name__))[:300]
     return status
+
+
+def plan_notebooks(profile: str = "quick", only: list[str] | None = None, params: dict | None = None,
+                   out: str | Path = "runs/notebooks", bench: str | Path | None = None, force: bool = False):
+    """What `run_notebooks` would start, without starting it: (notebook status, a table of runs). Each notebook is
+    executed with a launcher that records the runs it asks for and stops it there, so a notebook's later cells, and
+    the later notebooks, which need those runs' results, are not reached: their runs are not listed (their status
+    says so). Finished runs under each notebook's folder are listed too. GPU-hours per run come from measured step
+    times: the run's own log.jsonl (a resumed run), a finished run of the same stage and batch size (an evaluation:
+    of the same steps), else `bench` (`flg bench --gpu`'s bench_gpu.csv), else "unknown"; `hours` is wall time,
+    `gpu_hours` that times the GPUs the launcher gives the run."""
+    import tempfile
+    import pandas as pd
+    from . import launch
+    from .report import run_folders
+    params = dict(params or {})
+    spec = params.get("launcher", "local")
+    if (slurm := launch.slurm_of(spec)) is not None:  # the device the runs would get on the Slurm jobs
+        params.setdefault("device", "cuda" if slurm.gpus_per_node > 0 else "cpu")
+    bench_rows = launch.bench_rates(bench)
+    label = run_label(profile, params.get("model"))
+    with tempfile.TemporaryDirectory(prefix="flg-plan-") as tmp:
+        record = Path(tmp) / "runs.jsonl"
+        status = run_notebooks(profile, only, dict(params, launcher=f"plan:{record}"), out, force, executed_to=Path(tmp))
+        planned = [json.loads(l) for l in record.read_text().splitlines()] if record.is_file() else []
+    root = Path(out).resolve() if repo_root() != Path.cwd().resolve() else Path(out)
+    finished = run_folders(root / label, list(status))
+    rates = launch.measured_rates(finished)
+    rows = []
+    for d in finished:
+        if (d / "metrics.json").is_file():
+            hours = launch.spent_hours(d)
+            rows.append(dict(notebook=_notebook_of(d, root / label), stage=launch.stage_of(d), out=_short(d, root / label),
+                             status="finished", hours=hours, estimate="measured" if hours is not None else "unknown"))
+    for r in planned:
+        stage, fields = r["stage"], r["fields"]
+        gpus = launch.gpus_of(spec, stage, fields)
+        hours, source = launch.estimate(stage, fields, gpus, rates, bench_rows)
+        state = r["status"].replace(str(root / label) + "/", "")  # "after <the run it follows>"
+        rows.append(dict(notebook=_notebook_of(Path(fields["out"]), root / label), stage=stage,
+                         out=_short(Path(fields["out"]), root / label), status=state, hours=hours, gpus=gpus,
+                         gpu_hours=None if hours is None else hours * gpus, estimate=source))
+    table = pd.DataFrame(rows, columns=["notebook", "stage", "out", "status", "hours", "gpus", "gpu_hours", "estimate"])
+    return status, table
+
+
+def _short(run_dir: Path, root: Path) -> str:
+    """A run folder relative to the profile's folder (where the notebooks' runs are), else as it is."""
+    try:
+        return str(Path(run_dir).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(run_dir)
+
+
+def _notebook_of(run_dir: Path, root: Path) -> str:
+    try:
+        return Path(run_dir).resolve().relative_to(Path(root).resolve()).parts[0]
+    except ValueError:
+        return "?"

@@ -16,7 +16,7 @@ from flgcore.stage3 import Stage3Config
 FIELDS = {f.name for c in (Stage1Config, Stage2Config, Stage3Config) for f in dataclasses.fields(c)}
 PREFIXED = {"eval_": EvalConfig, "bench_": BenchConfig, "clip_": EvalConfig, "stage3_": Stage3Config}
 # notebook-level inputs that are not one config's field: where to write, and which earlier run to read
-NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds", "jobs"}
+NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds", "jobs", "launcher"}
 
 
 def named_like_a_field(name: str) -> bool:
