@@ -375,6 +375,43 @@ def best_value(table: pd.DataFrame | str | Path, key: str) -> float:
     return float(values[scores.idxmax()])
 
 
+def variants(stage: str, base: dict, named: dict[str, dict], out: str | Path, eval_fields: dict, baseline: str,
+             model_subdir: str = "model", launcher="local") -> pd.DataFrame:
+    """Run `stage` once per named variant (`base` with the variant's fields, in out/<name>), evaluate what each
+    made (eval_fields), and return their scores with each one's paired difference in `average` to `baseline`
+    (`<name> - baseline`, over the same seeds) and its 95 % bootstrap interval: differences of 0.01 that bars on
+    a 0-1 axis hide, with whether they are real. Each variant is reused when finished, like `run`."""
+    from .evaluate import paired_difference, read_clips
+    if baseline not in named:
+        raise FlgError(f"baseline {baseline!r} is not one of the variants {list(named)}")
+    folders, results = {}, {}
+    for name, fields in named.items():
+        run_dir = Path(out) / "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        run(stage, launcher=launcher, **dict(base, **fields, out=str(run_dir)))
+        ev = dict(eval_fields, model=str(run_dir / model_subdir), out=str(run_dir / "eval"))
+        results[name], folders[name] = evaluated(launcher=launcher, **ev), run_dir / "eval"
+    table = scores_table(results)
+    ref = read_clips(folders[baseline])
+    diffs = {name: paired_difference(read_clips(f), ref).loc["average"] for name, f in folders.items()}
+    for col, src in (("minus_baseline", "a - b"), ("ci95_low", "ci95_low"), ("ci95_high", "ci95_high")):
+        table[col] = [diffs[n][src] for n in table.index]
+    table.index.name = "variant"
+    return table
+
+
+def plot_paired(table: pd.DataFrame, baseline: str, title: str, ax=None):
+    """Each variant's paired difference in average to the baseline, with its 95 % interval, on an axis that shows
+    differences of 0.01 (`variants`' table)."""
+    t = table.drop(index=baseline).sort_values("minus_baseline")
+    ax = ax or plt.subplots(figsize=(7, 0.45 * len(t) + 1.2))[1]
+    err = np.stack([t.minus_baseline - t.ci95_low, t.ci95_high - t.minus_baseline])
+    colors = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(t.ci95_low, t.ci95_high)]
+    ax.barh(list(map(str, t.index)), t.minus_baseline, xerr=err, color=colors, capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set(title=title, xlabel=f"average minus {baseline} (95 % paired interval)")
+    return ax.figure
+
+
 def best_stage2_model(runs_root: str | Path) -> str:
     """Notebook 02's Stage-II model of the best alpha (see `best_value`)."""
     nb02 = Path(runs_root) / "02_stage2_ablations"
