@@ -60,7 +60,7 @@ def inputs(tmp_path_factory):
     (d / "manifest.csv").write_text("video,caption\na.mp4,a red square moves left\n")
     (d / "pipe").mkdir()
     (d / "pipe" / "model_index.json").write_text("{not json")
-    from flgcore.cache import write_tiny_pipeline
+    from tiny_pipelines import write_tiny_pipeline
     write_tiny_pipeline(d / "i2v", image_conditioned=True)
     (d / "t2v_suite.csv").write_text("prompt\na red square moves left\n")
     (d / "noimage_suite.csv").write_text("prompt,image\na red square moves left,gone.png\n")

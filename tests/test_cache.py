@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flgcore import synth
-from flgcore.cache import CacheConfig, open_encoder, read_clip, run_cache, write_tiny_pipeline
+from flgcore.cache import CacheConfig, open_encoder, read_clip, run_cache
+from tiny_pipelines import write_tiny_pipeline
 from flgcore.data import LatentCache
 from flgcore.config import FlgError
 

@@ -140,7 +140,8 @@ def test_a_hunyuan_checkpoint_groups_its_toggles_and_decodes_its_cache(tmp_path)
     """A real-checkpoint layout (pipeline + latent cache): double and single blocks apart, clips from the VAE."""
     import imageio.v2 as imageio
     from flgcore import synth
-    from flgcore.cache import CacheConfig, run_cache, write_tiny_pipeline
+    from flgcore.cache import CacheConfig, run_cache
+    from tiny_pipelines import write_tiny_pipeline
     pipe = write_tiny_pipeline(tmp_path / "pipe", image_conditioned=False, family="hunyuan")
     rows = []
     for i in range(2):

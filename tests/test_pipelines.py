@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flgcore import pipelines, synth
-from flgcore.cache import write_tiny_pipeline
+from tiny_pipelines import write_tiny_pipeline
 from flgcore.cli import main
 from test_vbench import fake_vbench  # noqa: F401 - the fixture: a stand-in VBench environment
 
