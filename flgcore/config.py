@@ -7,6 +7,7 @@ config into the run folder so that every run records exactly what it ran with.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,17 @@ import yaml
 
 class FlgError(ValueError):
     """A user-facing error: the CLI prints its message as one line, without a traceback."""
+
+
+def read_json_file(path: str | Path, what: str):
+    """A JSON file's content, or a one-line FlgError naming it (`what`: e.g. "suite") when it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlgError(f"{what} {path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FlgError(f"{what} {path}: not JSON ({e})") from None
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:

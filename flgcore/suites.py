@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import FlgError
+from .config import FlgError, read_json_file
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif")
 MAX_PROMPT_BYTES = 240  # a file name holds 255 bytes; VBench's "-<i>.mp4" and a margin take the rest
@@ -95,12 +95,7 @@ def _read_csv(path: Path, image_conditioned: bool) -> list[SuiteItem]:
 
 
 def _read_vbench_json(path: Path, image_conditioned: bool, images: str | None) -> list[SuiteItem]:
-    if not path.is_file():
-        raise FlgError(f"suite {path}: no such file")
-    try:
-        info = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FlgError(f"suite {path}: not JSON ({e})") from None
+    info = read_json_file(path, "suite")
     if not isinstance(info, list) or not all(isinstance(d, dict) and "prompt_en" in d for d in info):
         raise FlgError(f"suite {path}: not a VBench info file (a list of {{prompt_en, dimension, ...}} dicts)")
     if not info:

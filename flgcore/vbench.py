@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FlgError
+from .config import FlgError, read_json_file
 
 I2V_DIMENSIONS = ["i2v_subject", "i2v_background", "subject_consistency", "background_consistency",
                   "motion_smoothness", "dynamic_degree", "aesthetic_quality", "imaging_quality", "temporal_flickering"]
@@ -385,12 +385,7 @@ def read_vbench_results(path: str | Path):
     one row per video: `video` (the file name) and one column per dimension, NaN where not scored)."""
     import pandas as pd
     path = Path(path)
-    if not path.is_file():
-        raise FlgError(f"VBench results {path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FlgError(f"VBench results {path}: not JSON ({e})") from None
+    data = read_json_file(path, "VBench results")
     if not isinstance(data, dict):
         raise FlgError(f"VBench results {path}: expected {{dimension: [aggregate, per-video list]}}")
     dims, rows = {}, {}
