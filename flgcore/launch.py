@@ -51,7 +51,7 @@ class SlurmLauncher:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    time: int = 60                  # minutes per job; a job that reaches it is requeued like a preempted one
+    time: int = 60                  # minutes per job; one that reaches it is requeued like a preempted one (3 times)
     nodes: int = 1
     gpus_per_node: int = 0
     cpus_per_task: int | None = None
