@@ -380,16 +380,24 @@ def variants(stage: str, base: dict, named: dict[str, dict], out: str | Path, ev
     """Run `stage` once per named variant (`base` with the variant's fields, in out/<name>), evaluate what each
     made (eval_fields), and return their scores with each one's paired difference in `average` to `baseline`
     (`<name> - baseline`, over the same seeds) and its 95 % bootstrap interval: differences of 0.01 that bars on
-    a 0-1 axis hide, with whether they are real. Each variant is reused when finished, like `run`."""
+    a 0-1 axis hide, with whether they are real. Each variant is reused when finished, like `run`; the unfinished
+    ones go to the launcher at once, like a sweep's values (with Slurm: one job each, submitted together)."""
     from .evaluate import paired_difference, read_clips
+    from .launch import launcher as launcher_of
     if baseline not in named:
         raise FlgError(f"baseline {baseline!r} is not one of the variants {list(named)}")
-    folders, results = {}, {}
+    works = {}
     for name, fields in named.items():
         run_dir = Path(out) / "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-        run(stage, launcher=launcher, **dict(base, **fields, out=str(run_dir)))
-        ev = dict(eval_fields, model=str(run_dir / model_subdir), out=str(run_dir / "eval"))
-        results[name], folders[name] = evaluated(launcher=launcher, **ev), run_dir / "eval"
+        fields = dict(base, **fields, out=str(run_dir))
+        check_values(from_dict(_stage(stage)[0], fields))  # every variant checked before any runs
+        works[name] = [(stage, fields), ("eval", dict(eval_fields, model=str(run_dir / model_subdir),
+                                                      out=str(run_dir / "eval")))]
+    launcher_of(launcher).run(list(works.values()))
+    folders, results = {}, {}
+    for name, ((_, fields), (_, ev)) in works.items():  # now these only read the finished run folders
+        run(stage, **fields)
+        results[name], folders[name] = evaluated(**ev), Path(ev["out"])
     table = scores_table(results)
     ref = read_clips(folders[baseline])
     diffs = {name: paired_difference(read_clips(f), ref).loc["average"] for name, f in folders.items()}
