@@ -44,7 +44,8 @@ def test_notebook_is_thin_parameterised_and_clean(name):
 
 TINY = {"n": 4, "sigmas": [0.5], "retentions": [0.7], "clip_steps": 2, "clip_seeds": [2000000000], "steps": 2,
         "batch_size": 2, "eval_n": 2, "eval_steps": 2, "alphas": [1.0], "drop_modes": ["whole_set"],
-        "beta1s": [3.5], "beta2s": [0.25], "student_steps": [1], "bench_n": 1, "bench_repeats": 1}
+        "beta1s": [3.5], "beta2s": [0.25], "student_steps": [1], "bench_n": 1, "bench_repeats": 1, "val_n": 2,
+        "lengths": [3], "lrs": []}
 
 
 @pytest.mark.notebooks
@@ -53,6 +54,9 @@ def test_every_notebook_runs_end_to_end(tmp_path):
     assert status == {name: "ok" for name in ORDER}, status
     assert (tmp_path / "quick" / "01_block_importance" / "block_importance.png").is_file()
     assert (tmp_path / "quick" / "04_steps_vs_retention" / "grid.csv").is_file()
+    diagnosis = pd.read_csv(tmp_path / "quick" / "02_stage2_ablations" / "diagnosis.csv", index_col=0)
+    assert diagnosis.loc["frozen, alpha 1", "minus_baseline"] == 0 and "3 steps" in diagnosis.index
+    assert diagnosis[["ci95_low", "ci95_high"]].notna().all().all()
     assert not (tmp_path / "quick" / "04_steps_vs_retention" / "stage2_r0.7").exists()  # notebook 02's run, reused
     # notebook 05's FastLightGen student is notebook 03's beta1 run, and its drop-view evaluation is 03's too;
     # its DMD2 (4 steps) is no run of 04 (1 step here), so it trains its own
