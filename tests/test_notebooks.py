@@ -14,13 +14,14 @@ from flgcore.stage2 import Stage2Config
 from flgcore.stage3 import Stage3Config
 
 FIELDS = {f.name for c in (Stage1Config, Stage2Config, Stage3Config) for f in dataclasses.fields(c)}
-PREFIXED = {"eval_": EvalConfig, "bench_": BenchConfig, "clip_": EvalConfig, "stage3_": Stage3Config}
+PREFIXED = {"eval_": EvalConfig, "bench_": BenchConfig, "clip_": EvalConfig, "stage3_": Stage3Config, "val_": EvalConfig}
+SWEEPS = {"lengths": "steps"}  # sweeps whose name is not the field's plural: Stage II lengths
 # notebook-level inputs that are not one config's field: where to write, and which earlier run to read
 NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds", "jobs", "launcher"}
 
 
 def named_like_a_field(name: str) -> bool:
-    if name in FIELDS or name in NOTEBOOK_INPUTS:
+    if name in FIELDS or name in NOTEBOOK_INPUTS or SWEEPS.get(name) in FIELDS:
         return True
     if name.endswith("s") and name[:-1] in FIELDS:  # a sweep over that field: alphas, beta2s, retentions
         return True
