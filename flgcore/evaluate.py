@@ -214,7 +214,7 @@ def run_real_eval(cfg: EvalConfig) -> dict:
         sampling += time.time() - t0
         for (item, seed), video in zip(chunk, videos):
             path = pipelines.write_video(video, out / "videos" / f"{item.prompt}-{seed - cfg.seed_offset}.mp4", fps)
-            frames = pipelines.read_video(path)  # scored as decoded, as VBench scores the files
+            frames = vbench.read_video(path)[0]  # scored as decoded, as VBench scores the files
             ref = np.asarray(image) if image is not None else None
             rows.append(dict(prompt_index=item.index, prompt=item.prompt, image=str(item.image or ""),
                              sample=seed - cfg.seed_offset, seed=seed, video=path.name,

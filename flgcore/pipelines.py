@@ -252,12 +252,6 @@ def write_video(frames: np.ndarray, path: Path, fps: int) -> Path:
     return path
 
 
-def read_video(path: Path) -> np.ndarray:
-    import imageio.v2 as imageio
-    with imageio.get_reader(path, "ffmpeg") as reader:
-        return np.stack(list(reader.iter_data()))
-
-
 def contact_sheet(videos: list[np.ndarray], path: Path, frames: int = 6, width: int = 160) -> Path:
     """A PNG with one row per video: `frames` frames spread over its length, each scaled to `width` pixels."""
     from PIL import Image
