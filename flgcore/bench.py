@@ -58,8 +58,33 @@ def time_sampling(bundle, spec: SampleSpec, seeds: list[int], repeats: int, warm
     return times
 
 
+def time_real(model: str, view: str, steps: int | None, items: list, n: int, repeats: int, warmup: int,
+              device: str, size: dict) -> dict:
+    """Time a real checkpoint's stock pipeline (pipelines.py) over the first n prompts of a suite: one call for the
+    n prompts (text-to-video) or one per prompt and its image; the prompts are encoded inside the timed call."""
+    from . import pipelines, suites
+    spec = pipelines.PipeSpec(steps=steps, height=size.get("height"), width=size.get("width"), frames=size.get("frames"))
+    loaded = pipelines.load(model, view=view, spec=spec, device=device)
+    items = items[:n]
+    h, w = pipelines.video_size(loaded)
+    calls = ([[(it.prompt, suites.load_image(it, h, w))] for it in items] if loaded.image_conditioned
+             else [[(it.prompt, None) for it in items]])
+    times = []
+    for i in tqdm(range(warmup + repeats), desc=f"bench {loaded.kind} ({loaded.info['steps']} steps)", dynamic_ncols=True):
+        t0 = time.perf_counter()
+        for call in calls:
+            pipelines.generate(loaded, [p for p, _ in call], list(range(len(call))), call[0][1])
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    steps, guidance = loaded.info["steps"], loaded.info["guidance_scale"] or 1.0
+    return dict(path=str(model), view=view, sampler=loaded.info["scheduler"], steps=steps, cfg_scale=guidance,
+                nfe=pipelines.nfe(loaded), blocks=loaded.info["blocks"],
+                block_params=block_params(loaded.pipe.transformer), sec_per_clip=statistics.median(times) / len(items),
+                sec_per_clip_min=min(times) / len(items), repeats=repeats)
+
+
 def time_methods(methods: dict[str, dict], n: int = 16, repeats: int = 5, warmup: int = 1,
-                 device: str = "cpu") -> pd.DataFrame:
+                 device: str = "cpu", suite: str | None = None, **size) -> pd.DataFrame:
     """Time several models under the same conditions: one process, the same n clips, `repeats` timed runs
     after `warmup` untimed ones each (Table 2 and Fig. 2 compare times taken this way, never times from runs
     made at different moments or loads).
@@ -73,6 +98,16 @@ def time_methods(methods: dict[str, dict], n: int = 16, repeats: int = 5, warmup
     seeds = synth.heldout_seeds(n)
     rows = []
     for name, m in methods.items():
+        from .pipelines import is_real
+        if not isinstance(m["model"], Bundle) and is_real(m["model"]):  # a real checkpoint: its suite's prompts
+            from . import pipelines, suites
+            if not suite:
+                raise FlgError(f"{name}: {m['model']} is a real checkpoint; time_methods needs suite=<prompts>")
+            pipeline, _ = pipelines.resolve(m["model"])
+            items = suites.read_suite(suite, pipelines.image_conditioned(pipeline))
+            rows.append(dict(method=name, **time_real(m["model"], m.get("view", "full"), m.get("steps"), items, n,
+                                                      repeats, warmup, device, size)))
+            continue
         b = m["model"] if isinstance(m["model"], Bundle) else require_encoder(load_bundle(m["model"], device=device), m["model"])
         view = m.get("view", "full")
         drop = view_drop(b, view, f"{name} ({b.root})")

@@ -240,7 +240,7 @@ def run_real_eval(cfg: EvalConfig) -> dict:
             agg["vbench"]["fig1_score"] = score
         clips = clips.merge(per_video.set_index("video").add_prefix("vbench_"), left_on="video", right_index=True,
                             how="left")
-    agg.update(loaded.info, prompts=len(items), n_per_prompt=cfg.n_per_prompt, videos=len(clips),
+    agg.update(loaded.info, nfe=pipelines.nfe(loaded), prompts=len(items), n_per_prompt=cfg.n_per_prompt, videos=len(clips),
                sec_per_video=sampling / max(1, len(clips)), videos_per_hour=3600 * len(clips) / max(sampling, 1e-9),
                height=h, width=w, frames=int(first[0].shape[0]) if first else None, fps=fps)
     clips.to_csv(out / "clips.csv", index=False)

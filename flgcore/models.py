@@ -124,6 +124,14 @@ def load_transformer(path_or_name: str | Path, dtype: torch.dtype | None = None,
     return model.to(device).eval()
 
 
+def skeleton(path_or_name: str | Path):
+    """The transformer's architecture with its parameters on the meta device: block sizes without reading weights."""
+    model_dir = resolve_model_dir(path_or_name)
+    cls = getattr(diffusers, model_class_name(model_dir))
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(model_dir))
+
+
 # ----------------------------------------------------------------------------- tiny models
 
 TINY = {

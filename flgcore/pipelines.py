@@ -82,6 +82,17 @@ def image_conditioned(pipeline: str | Path) -> bool:
     return _index(Path(pipeline))["_class_name"].endswith("ImageToVideoPipeline")
 
 
+def recipe_name(pipeline: str | Path) -> str | None:
+    """The folder under configs/real/ whose stage configs (the paper's recipe for that model) fit this pipeline:
+    Wan 2.2 TI2V (timestep per latent frame), Wan 2.1 I2V, Wan 2.1 T2V or HunyuanVideo-I2V; None for HunyuanVideo
+    T2V, which the paper does not distil."""
+    index = _index(Path(pipeline))
+    if index.get("expand_timesteps"):
+        return "wan2.2-ti2v-5b"
+    return {"WanPipeline": "wan2.1-t2v-1.3b", "WanImageToVideoPipeline": "wan2.1-i2v-14b",
+            "HunyuanVideoImageToVideoPipeline": "hunyuanvideo-i2v"}.get(index["_class_name"])
+
+
 class _SeededScheduler:
     """Mixed into a student's scheduler: its re-noising draws come from per-video generators (the stock
     pipelines pass none to `scheduler.step`, which would draw from torch's global stream, batch-dependent)."""
@@ -191,6 +202,13 @@ def load(model: str, base: str | None = None, view: str = "full", spec: PipeSpec
                 dtype=str(dtype).replace("torch.", ""), blocks=sum(len(getattr(pipe.transformer, a))
                                                                   for _, a, _ in family_of(pipe.transformer).groups))
     return Loaded(pipe, kind, family, image_conditioned(pipeline), call, info)
+
+
+def nfe(loaded: Loaded) -> int:
+    """Transformer evaluations per video: steps, twice with Wan's CFG (HunyuanVideo's guidance is an input of the
+    network, one evaluation a step, while its true CFG is off, as the pipelines default)."""
+    cfg = (loaded.info["guidance_scale"] or 1.0) > 1 and loaded.family == "wan"
+    return int(loaded.info["steps"]) * (2 if cfg else 1)
 
 
 def _call_default(pipe, name: str):

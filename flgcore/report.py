@@ -106,6 +106,88 @@ def run_folders(runs_root: str | Path, notebooks: list[str]) -> list[Path]:
     return sorted(p.parent for nb in notebooks for p in (Path(runs_root) / nb).glob("**/config.yaml"))
 
 
+# ----------------------------------------------------------------------------- real checkpoints in the notebooks
+
+RECIPE_PATHS = ("model", "data", "out", "selection")  # a recipe's paths: a notebook's own replace them
+DEEPSPEED_KEYS = ("zero", "offload")
+
+
+def is_testbed(model: str) -> bool:
+    """synth-tiny or a flgcore model with a SynthMotion text encoder (SynthBench scores it); else a real checkpoint."""
+    from .notebooks import testbed_model
+    return testbed_model(str(model))
+
+
+def recipe_dir(model: str, recipe: str = "") -> Path:
+    """The folder of stage configs a real checkpoint's notebook runs start from: `recipe`, else the paper's recipe for
+    the model's family, configs/real/<family>/ (`pipelines.recipe_name`)."""
+    from .notebooks import repo_root
+    from .pipelines import recipe_name, resolve
+    if recipe:
+        return Path(recipe)
+    pipeline, _ = resolve(model)
+    if (name := recipe_name(pipeline)) is None:
+        raise FlgError(f"{model}: the paper has no recipe for this pipeline's family; pass -p recipe=<a folder with "
+                       f"stage2.yaml and stage3.yaml> (see configs/real/)")
+    return repo_root() / "configs" / "real" / name
+
+
+def recipe(stage: str, model: str, recipe: str = "", device: str = "cpu", **fields) -> dict:
+    """The config fields a notebook's `stage` runs start from. For a real checkpoint: the family's recipe
+    (`recipe_dir`/<stage>.yaml), its paths left out; on a CPU without its DeepSpeed keys (ZeRO-3 needs GPUs) and in
+    fp32 (bf16 autocast on a CPU is emulated, and slow). For the testbed: nothing (the stage's defaults). Then the
+    `fields` that are not None: the notebook's values (its profile's sizes; a real checkpoint's full profile passes
+    None for them, and the recipe's stand)."""
+    import yaml
+    base: dict = {}
+    if not is_testbed(model):
+        path = recipe_dir(model, recipe) / f"{stage}.yaml"
+        if not path.is_file():
+            raise FlgError(f"recipe {path}: not found (a real checkpoint's {stage} runs start from it)")
+        base = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k not in RECIPE_PATHS}
+        if not str(device).startswith("cuda"):
+            base = {k: v for k, v in base.items() if k not in DEEPSPEED_KEYS}
+            base["precision"] = "fp32"
+    return dict(base, model=model, device=device, **{k: v for k, v in fields.items() if v is not None})
+
+
+def eval_fields(model: str, data: str = "synth", suite: str = "", device: str = "cpu", vbench_python: str = "",
+                **fields) -> dict:
+    """`flg eval` fields for a notebook's evaluations of what it made from `model`. The testbed: SynthMotion seeds
+    (`fields`: n, steps, view, seed_offset...). A real checkpoint: the prompts of `suite` (default: the latent
+    cache's own clips, `cache:<data>`), n of them, at the video size the cache was made at (students are trained
+    there), with VBench's official dimensions where `vbench_python` names a VBench environment. None fields are
+    left out (the evaluation's defaults: 50 Euler steps for a teacher, a student's own steps)."""
+    ev = dict(device=device, **{k: v for k, v in fields.items() if v is not None})
+    if is_testbed(model):
+        return ev
+    if not suite:
+        if data == "synth":
+            raise FlgError(f"{model} is a real checkpoint: give -p data=<its latent cache> (and -p suite=<prompts> "
+                           f"to score other prompts than the cache's)")
+        suite = f"cache:{data}"
+    if data != "synth":
+        info = read_json(Path(data) / "cache.json")
+        ev = dict({k: info[k] for k in ("height", "width", "frames") if info.get(k)}, **ev)
+    return dict(ev, suite=suite, **({"vbench_python": vbench_python} if vbench_python else {}))
+
+
+def bench_inputs(ev: dict) -> dict:
+    """The prompts and video size of a real checkpoint's evaluations (`eval_fields`), for `bench.time_methods`; {}
+    on the testbed (SynthMotion clips)."""
+    return {k: ev[k] for k in ("suite", "height", "width", "frames") if k in ev}
+
+
+def beside_paper(ours: pd.DataFrame, *tables: str) -> pd.DataFrame:
+    """Our table with the paper's rows of the same experiment below it (`paper.TABLES`), `source` naming each:
+    VBench's dimensions line up where VBench scored ours (`vbench_<dimension>`); SynthBench and the weight-free
+    scores are other scales, so their columns stand apart and the paper's are empty there."""
+    from . import paper
+    rows = [ours.assign(source="ours")] + [paper.table(t).assign(source=paper.TABLES[t][0]) for t in tables]
+    both = pd.concat([r.rename(index=str).rename_axis(ours.index.name) for r in rows])
+    return both.set_index("source", append=True).swaplevel()
+
+
 # a real checkpoint's weight-free scores in [0, 1] (flg eval; vbench.METRIC_DEFINITIONS labels each): their mean is
 # the "average" of a table without official VBench dimensions, and the table says so in `scored_by`
 WEIGHT_FREE = ["temporal_flickering", "dynamic_degree_farneback_proxy", "motion_smoothness_proxy", "first_frame_ssim"]
@@ -125,16 +207,17 @@ def real_scores_table(results: dict[str, dict]) -> pd.DataFrame:
         row["average"] = float(np.mean(list(official.values()) if official else own)) if official or own else np.nan
         row["scored_by"] = "VBench" if official else "weight-free (VBench's flickering, labelled proxies)"
         row["fig1_score"] = (r.get("vbench") or {}).get("fig1_score", np.nan)
-        row["nfe"] = r.get("steps", np.nan) * (2 if (r.get("guidance_scale") or 1) > 1 else 1)
+        row["nfe"] = r.get("nfe", np.nan)
         rows[name] = row
     return pd.DataFrame(rows).T.infer_objects()
 
 
-def plot_metrics(table: pd.DataFrame) -> list[str]:
-    """The columns a notebook's bar charts show: SynthBench's text alignment, imaging quality, dynamic degree and
-    average; for a real checkpoint VBench's dimensions where it ran, else the weight-free scores."""
+def plot_metrics(table: pd.DataFrame, synthbench=("text_alignment", "imaging_quality", "dynamic_degree", "average")
+                 ) -> list[str]:
+    """The columns a notebook's bar charts show: these SynthBench ones on the testbed; for a real checkpoint three of
+    VBench's dimensions where it ran, else three weight-free scores, and the average."""
     if "scored_by" not in table:
-        return ["text_alignment", "imaging_quality", "dynamic_degree", "average"]
+        return list(synthbench)
     vb = [c for c in table.columns if c.startswith("vbench_")]
     return (vb[:3] if vb else [c for c in WEIGHT_FREE[:3] if c in table]) + ["average"]
 
@@ -320,13 +403,16 @@ def plot_quality_vs_time(table: pd.DataFrame, ax=None):
     """Fig. 2: SynthBench average against measured seconds per clip, one point per method (the table's index)."""
     ax = ax or plt.subplots(figsize=(6, 3.6))[1]
     sns.scatterplot(table.reset_index(names="method"), x="sec_per_clip", y="average", hue="method", s=80, ax=ax)
-    ax.set(xscale="log", xlabel="seconds per clip (measured)", ylabel="SynthBench average",
+    score = "SynthBench average" if "scored_by" not in table else f"average ({table.scored_by.iloc[0]})"
+    ax.set(xscale="log", xlabel="seconds per clip (measured)", ylabel=score,
            title="Quality vs measured time per clip (Fig. 2)")
     return ax.figure
 
 
-def plot_contour(grid: pd.DataFrame, value: str = "fig1_score", ax=None):
-    """Fig. 1: score over (student steps, retention), with iso-compute lines steps x retention = const."""
+def plot_contour(grid: pd.DataFrame, value: str | None = None, ax=None):
+    """Fig. 1: score over (student steps, retention), with iso-compute lines steps x retention = const. `value`:
+    the paper's Fig. 1 score where every student has one (SynthBench, or VBench), else the average."""
+    value = value or ("fig1_score" if grid["fig1_score"].notna().all() else "average")
     ax = ax or plt.subplots(figsize=(5.5, 4.2))[1]
     piv = grid.pivot_table(index="retention", columns="steps", values=value)
     S, R = np.meshgrid(piv.columns.values.astype(float), piv.index.values.astype(float))
@@ -350,8 +436,12 @@ def plot_contour(grid: pd.DataFrame, value: str = "fig1_score", ax=None):
 # ----------------------------------------------------------------------------- sweeps
 
 def drop_for(stage1_run: str | Path, model, retention: float) -> list[int]:
-    """The one-shot drop set for a retention, from a Stage-I run's per-block importance."""
+    """The one-shot drop set for a retention, from a Stage-I run's per-block importance. `model`: a loaded model, or
+    a model's path (only its architecture is built, on the meta device: a 14B checkpoint reads no weights)."""
     from .surgery import blocks, complement, select_keep
+    if isinstance(model, (str, Path)):
+        from .models import skeleton
+        model = skeleton(model)
     by_block = pd.read_csv(Path(stage1_run) / "blocks.csv").sort_values("block")
     keep = select_keep(by_block.importance.tolist(), [b.params for b in blocks(model)], retention)
     return complement(model, keep)
@@ -399,12 +489,22 @@ def variants(stage: str, base: dict, named: dict[str, dict], out: str | Path, ev
         run(stage, **fields)
         results[name], folders[name] = evaluated(**ev), Path(ev["out"])
     table = scores_table(results)
-    ref = read_clips(folders[baseline])
-    diffs = {name: paired_difference(read_clips(f), ref).loc["average"] for name, f in folders.items()}
+    ref = clips_with_average(read_clips(folders[baseline]))
+    diffs = {name: paired_difference(clips_with_average(read_clips(f)), ref).loc["average"]
+             for name, f in folders.items()}
     for col, src in (("minus_baseline", "a - b"), ("ci95_low", "ci95_low"), ("ci95_high", "ci95_high")):
         table[col] = [diffs[n][src] for n in table.index]
     table.index.name = "variant"
     return table
+
+
+def clips_with_average(clips: pd.DataFrame) -> pd.DataFrame:
+    """Per-clip scores with each clip's `average` (SynthBench writes it; for a real checkpoint's videos: the mean of
+    its VBench dimensions where VBench ran, else of the weight-free scores, as `real_scores_table` averages)."""
+    if "average" in clips:
+        return clips
+    cols = [c for c in clips.columns if c.startswith("vbench_")] or [c for c in WEIGHT_FREE if c in clips]
+    return clips.assign(average=clips[cols].mean(axis=1))
 
 
 def plot_paired(table: pd.DataFrame, baseline: str, title: str, ax=None):

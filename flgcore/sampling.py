@@ -80,6 +80,7 @@ def load_bundle(name: str | Path, device: str = "cpu") -> Bundle:
             raise FlgError(f"{name}: not a flgcore model directory (transformer/, text_encoder/, flgcore.json) nor a "
                            f"diffusers transformer or pipeline directory") from None
         model = load_transformer(tdir, device=device)
+        model.flg_prediction = "velocity"  # what the raw output means (see models.velocity)
         from .pipelines import pipeline_of
         meta = dict(family=family_of(model).name, kind="diffusers", prediction="velocity",
                     shift=scheduler_shift(tdir.parent))
