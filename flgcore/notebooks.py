@@ -47,6 +47,22 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 
 
+# A real checkpoint's full profile: the testbed's sizes give way to the family's recipe (configs/real/<family>/, read
+# by report.recipe: None keeps the recipe's value) and its evaluations score the whole suite; the sweeps stay
+REAL_FULL_SIZES = dict(steps=None, batch_size=None, eval_n=None, eval_steps=None, val_n=None, stage3_steps=None,
+                       stage3_batch_size=None, lr=None, fake_lr=None, fake_updates=None, stage3_lr=None,
+                       stage3_fake_lr=None, stage3_fake_updates=None, lengths=[], lrs=[], bench_n=4, bench_repeats=2)
+
+
+def profile_parameters(profile: str, name: str, real: bool) -> dict:
+    """A notebook's parameters in a profile: the quick profile is its own parameters cell; the full one the testbed
+    at full size (`PROFILES`), on a real checkpoint with `REAL_FULL_SIZES` over it (Stage I keeps its full size)."""
+    p = dict(PROFILES[profile].get(name, {}))
+    if real and profile == "full" and name != ORDER[0]:
+        p.update(REAL_FULL_SIZES)
+    return p
+
+
 def repo_root(start: Path | None = None) -> Path:
     """The repository a notebook belongs to: the nearest folder at or above `start` (the working directory) holding
     notebooks/ and pyproject.toml (a copy of the repo is its own), else the one this package was installed from;
@@ -66,7 +82,7 @@ def at_repo_root() -> Path:
 
 
 # parameters that name files or folders (made absolute by `run_notebooks` when the notebooks' folder is not here)
-PATH_PARAMETERS = ("model", "data", "stage1_run", "stage2_model", "launcher")
+PATH_PARAMETERS = ("model", "data", "stage1_run", "stage2_model", "launcher", "suite", "recipe", "vbench_python")
 RUNTIME_PARAMETERS = ("launcher",)  # how the runs execute, not what they compute: a change does not redo a notebook
 
 
@@ -120,10 +136,6 @@ def _done(executed: Path, params: dict, src: Path) -> bool:
             and _code(nb) == _code(json.loads(src.read_text())))
 
 
-# what a real checkpoint (no SynthMotion text encoder, so no SynthBench) can run: Stage I from a latent cache
-REAL_CHECKPOINT = ["01_block_importance"]
-
-
 def testbed_model(model: str) -> bool:
     """synth-tiny or a flgcore model with a SynthMotion text encoder: one SynthBench can score."""
     from .sampling import model_root
@@ -157,10 +169,9 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
         raise FlgError(f"unknown notebook(s) {unknown}; known: {ORDER}")
     model = (params or {}).get("model")
     real = model is not None and not testbed_model(str(model))
-    if real and only and (bad := [n for n in names if n not in REAL_CHECKPOINT]):
-        raise FlgError(f"{', '.join(bad)}: scored with SynthBench, which needs a testbed model (synth-tiny or a flgcore "
-                       f"model with a text encoder); on the checkpoint {model} only {', '.join(REAL_CHECKPOINT)} runs "
-                       f"(-p data=<latent cache>)")
+    if real and (params or {}).get("data", "synth") == "synth":
+        raise FlgError(f"model={model} is a real checkpoint: give -p data=<its latent cache> (flg cache); its students "
+                       f"are scored on -p suite=<prompts>, by default the cache's own clips")
     check_parameters(params or {}, names)
     label = run_label(profile, model)
     import torch
@@ -176,21 +187,18 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
     gpu = slurm.gpus_per_node > 0 if slurm is not None else torch.cuda.is_available()
     params.setdefault("device", "cuda" if gpu else "cpu")
     # a sweep's runs at once: the tiny testbed model leaves most of a GPU idle; on a CPU they would only
-    # compete for the same cores
-    params.setdefault("jobs", 4 if params["device"].startswith("cuda") else 1)
+    # compete for the same cores; a real checkpoint fills a GPU alone
+    params.setdefault("jobs", 4 if params["device"].startswith("cuda") and not real else 1)
     status: dict[str, str] = {}
     waiting = None  # the first notebook whose runs are pending: the later ones read them
     for name in tqdm(names, desc=f"notebooks ({label}, {params['device']})", dynamic_ncols=True):
-        if real and name not in REAL_CHECKPOINT:
-            status[name] = "skipped: SynthBench scores need a testbed model, not a real checkpoint"
-            continue
         if waiting:
             status[name] = f"waits for {waiting}"
             continue
         src = NOTEBOOK_DIR / f"{name}.ipynb"
         run_dir = Path(out) / label / name
         defaults = parameters_of(src)
-        p = dict(PROFILES[profile].get(name, {}), **params)
+        p = dict(profile_parameters(profile, name, real), **params)
         p = {k: v for k, v in p.items() if k in defaults}  # -p applies to the notebooks that have the name
         # only the shipped teacher's full profile regenerates the committed figures/
         p.update(out=str(run_dir), figures=str(figures) if label == "full" else str(run_dir / "figures"),

@@ -1,39 +1,19 @@
 """Stage 0 (`flg cache`) on an offline tiny Wan pipeline of the real classes, on generated mp4 files."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from flgcore import synth
 from flgcore.cache import CacheConfig, open_encoder, read_clip, run_cache
-from tiny_pipelines import write_tiny_pipeline
+from tiny_pipelines import FRAMES, write_tiny_pipeline, write_videos
 from flgcore.data import LatentCache
 from flgcore.config import FlgError
-
-FRAMES = 9  # 4k+1 for the Wan VAE
-
-
-def _write_videos(root):
-    """Five SynthMotion clips as mp4, a broken file and a too-short one, and their manifest."""
-    import imageio.v2 as imageio
-    rows = []
-    for i, seed in enumerate([10, 11, 12, 13, 14]):
-        spec = synth.clip_spec(seed)
-        clip = synth.render(spec, frames=FRAMES)  # [3, F, 32, 32] in [-1, 1]
-        frames = ((clip.transpose(1, 2, 3, 0) + 1) * 127.5).round().astype(np.uint8)
-        imageio.mimwrite(root / f"v{i}.mp4", list(frames), fps=8, macro_block_size=1)
-        rows.append((f"v{i}.mp4", spec.caption))
-    (root / "broken.mp4").write_bytes(b"not a video at all")
-    imageio.mimwrite(root / "short.mp4", list(frames[:3]), fps=8, macro_block_size=1)
-    rows[2:2] = [("broken.mp4", "a red square moves left"), ("short.mp4", "a blue circle moves up")]
-    (root / "manifest.csv").write_text("video,caption\n" + "".join(f"{v},{c}\n" for v, c in rows))
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    _write_videos(root)
+    write_videos(root)
     return root, write_tiny_pipeline(root / "pipe")
 
 
@@ -138,7 +118,7 @@ def test_cache_refuses_bad_input_by_name(world, tmp_path):
 def test_hunyuanvideo_cache_matches_its_pipeline_and_trains(tmp_path, i2v):
     from diffusers import DiffusionPipeline
     from PIL import Image
-    _write_videos(tmp_path)
+    write_videos(tmp_path)
     pipe_dir = write_tiny_pipeline(tmp_path / "pipe", image_conditioned=i2v, family="hunyuan")
     info = run_cache(_cfg(tmp_path, pipe_dir, max_sequence_length=16))
     assert info["clips"] == 5 and info["skipped"] == 2
@@ -190,7 +170,7 @@ def test_wan22_ti2v_cache_and_sampling_match_the_pipeline(tmp_path):
     """Wan 2.2 TI2V (`expand_timesteps`): the cache holds the pipeline's first-frame condition, and our Euler
     sampler with CFG, calling the transformer through `models.velocity`, lands on the pipeline's own latents."""
     from diffusers import WanImageToVideoPipeline
-    _write_videos(tmp_path)
+    write_videos(tmp_path)
     pipe_dir = write_tiny_pipeline(tmp_path / "pipe", ti2v=True)
     assert run_cache(_cfg(tmp_path, pipe_dir))["clips"] == 5
     cache = LatentCache(tmp_path / "out")
@@ -217,7 +197,7 @@ def test_wan21_i2v_cache_and_sampling_match_the_pipeline(tmp_path):
     tokens, and our Euler sampler with CFG, which builds the 4-channel first-frame mask and concatenates
     [latents, mask, condition] in `models.velocity`, lands on the pipeline's own latents."""
     from diffusers import WanImageToVideoPipeline
-    _write_videos(tmp_path)
+    write_videos(tmp_path)
     pipe_dir = write_tiny_pipeline(tmp_path / "pipe", clip=True)
     assert run_cache(_cfg(tmp_path, pipe_dir))["clips"] == 5
     cache = LatentCache(tmp_path / "out")
@@ -241,7 +221,7 @@ def test_hunyuanvideo_token_replace_cache_and_sampling_match_the_pipeline(tmp_pa
     from PIL import Image
     from flgcore.flow import euler_sample
     from flgcore.models import load_transformer, velocity
-    _write_videos(tmp_path)
+    write_videos(tmp_path)
     pipe_dir = write_tiny_pipeline(tmp_path / "pipe", family="hunyuan", token_replace=True)
     assert run_cache(_cfg(tmp_path, pipe_dir, max_sequence_length=16))["clips"] == 5
     cache = LatentCache(tmp_path / "out")
@@ -284,22 +264,56 @@ def test_latent_decoder_undoes_the_cache_normalisation_as_the_pipeline_decodes(t
 
 
 @pytest.mark.notebooks
-def test_notebook_01_runs_on_a_real_checkpoint_from_its_latent_cache(world, tmp_path):
+def test_every_notebook_runs_on_a_real_checkpoint_from_its_latent_cache(world, tmp_path):
+    """The five notebooks on a tiny Wan 2.1 I2V pipeline: Stage II/III from the family's recipe (configs/real/), every
+    student scored through the stock pipeline on the cache's own clips (weight-free scores, labelled), the paper's
+    numbers beside ours."""
+    import pandas as pd
+    import yaml
+    from flgcore import report
     from flgcore.notebooks import run_label, run_notebooks
     root, pipe_dir = world
     if not (root / "out").exists():
         run_cache(_cfg(root, pipe_dir))
-    params = dict(model=str(pipe_dir), data=str(root / "out"), n=2, batch_size=2, sigmas=[0.5], retentions=[0.7],
-                  skip=[1], clip_seeds=[0, 1], clip_steps=2, clip_cfg=2.0)
+    params = dict(model=str(pipe_dir), data=str(root / "out"), n=2, batch_size=2, sigmas=[0.5], skip=[1],
+                  clip_seeds=[0, 1], clip_steps=2, clip_cfg=2.0, eval_n=2, val_n=2, bench_n=1)
     status = run_notebooks("quick", params=params, out=tmp_path)
-    assert status.pop("01_block_importance") == "ok"
-    assert all(s.startswith("skipped: SynthBench") for s in status.values()), status
-    run = tmp_path / "quick-pipe" / "01_block_importance"  # its own folder, never the shipped teacher's
+    assert set(status.values()) == {"ok"}, status
+    runs = tmp_path / "quick-pipe"  # its own folder, never the shipped teacher's
     assert run_label("full", str(pipe_dir)) == "full-pipe" and run_label("full", "synth-tiny") == "full"
-    assert (run / "figures" / "block_importance.png").is_file() and (run / "skip_explorer.png").is_file()
-    assert json.loads((run / "stage1" / "metrics.json").read_text())["blocks"] == 4
-    with pytest.raises(FlgError, match="only 01_block_importance runs"):
-        run_notebooks("quick", only=["02_stage2_ablations"], params=params, out=tmp_path)
+    nb01 = runs / "01_block_importance"
+    assert (nb01 / "figures" / "block_importance.png").is_file() and (nb01 / "skip_explorer.png").is_file()
+    assert json.loads((nb01 / "stage1" / "metrics.json").read_text())["blocks"] == 4
+
+    recipe = yaml.safe_load(open(report.recipe_dir(str(pipe_dir)) / "stage2.yaml"))
+    assert report.recipe_dir(str(pipe_dir)).name == "wan2.1-i2v-14b"
+    s2 = yaml.safe_load((runs / "02_stage2_ablations" / "alpha_1.0" / "config.yaml").read_text())
+    assert s2["lr"] == recipe["lr"] and s2["warmup"] == recipe["warmup"] and s2["data"] == str(root / "out")
+    assert not s2["zero"] and s2["precision"] == "fp32" and s2["steps"] == 4  # a CPU; the quick profile's length
+    alpha = pd.read_csv(runs / "02_stage2_ablations" / "alpha.csv", index_col=0)
+    assert list(alpha.index) == ["skip, untrained", "0.0", "1.0"] and alpha.scored_by.str.startswith("weight-free").all()
+    assert alpha.average.between(0, 1).all() and "text_alignment" not in alpha
+    beside = report.beside_paper(alpha, "table4")
+    assert beside.loc["Table 4, WanX-TI2V"].loc["1.0", "vbench_dynamic_degree"] == 0.268
+    assert beside.loc["ours"].average.tolist() == alpha.average.tolist()
+    ev = runs / "02_stage2_ablations" / "alpha_1.0" / "eval"
+    assert len(list((ev / "videos").glob("*.mp4"))) == 2 and (ev / "contact_sheet.png").is_file()
+    diagnosis = pd.read_csv(runs / "02_stage2_ablations" / "diagnosis.csv", index_col=0)
+    assert diagnosis.loc["frozen, alpha 1", "minus_baseline"] == 0 and diagnosis.ci95_low.notna().all()
+
+    teacher = pd.read_csv(runs / "03_stage3_ablations" / "teacher_and_stage3.csv", index_col=0)
+    assert len(teacher) == 3 and teacher.loc["Stage III, pruned teacher", "nfe"] == 4  # the recipe's 4-step student
+    s3 = yaml.safe_load((runs / "03_stage3_ablations" / "beta1_2.0" / "config.yaml").read_text())
+    assert s3["fake"] == "lora" and s3["student_steps"] == 4
+    grid = pd.read_csv(runs / "04_steps_vs_retention" / "grid.csv")
+    assert sorted(zip(grid.steps, grid.retention)) == [(1, 0.7), (1, 1.0), (2, 0.7), (2, 1.0)]
+    assert (runs / "04_steps_vs_retention" / "figures" / "steps_vs_retention.png").is_file()
+    methods = pd.read_csv(runs / "05_method_comparison" / "methods.csv", index_col=0)
+    assert list(methods.index) == ["Euler teacher", "DMD2 (steps only)", "pruning only", "FastLightGen"]
+    assert (methods.sec_per_clip > 0).all() and methods.loc["FastLightGen", "theoretical_speedup"] > 1
+
+    with pytest.raises(FlgError, match="give -p data=<its latent cache>"):
+        run_notebooks("quick", only=["02_stage2_ablations"], params=dict(model=str(pipe_dir)), out=tmp_path)
 
 
 def test_the_encoder_never_loads_the_transformer(world, tmp_path):

@@ -13,11 +13,13 @@ from flgcore.notebooks import NOTEBOOK_DIR, ORDER, PROFILES, parameters_of, run_
 from flgcore.stage2 import Stage2Config
 from flgcore.stage3 import Stage3Config
 
-FIELDS = {f.name for c in (Stage1Config, Stage2Config, Stage3Config) for f in dataclasses.fields(c)}
+FIELDS = {f.name for c in (Stage1Config, Stage2Config, Stage3Config, EvalConfig) for f in dataclasses.fields(c)}
 PREFIXED = {"eval_": EvalConfig, "bench_": BenchConfig, "clip_": EvalConfig, "stage3_": Stage3Config, "val_": EvalConfig}
 SWEEPS = {"lengths": "steps"}  # sweeps whose name is not the field's plural: Stage II lengths
-# notebook-level inputs that are not one config's field: where to write, and which earlier run to read
-NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds", "jobs", "launcher"}
+# notebook-level inputs that are not one config's field: where to write, which earlier run to read, and which
+# folder of stage configs a real checkpoint's runs start from
+NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds", "jobs", "launcher",
+                   "recipe"}
 
 
 def named_like_a_field(name: str) -> bool:

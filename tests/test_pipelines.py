@@ -213,5 +213,51 @@ def test_a_real_checkpoints_table_says_what_scored_it():
     assert report.plot_metrics(report.scores_table({"a": own}))[0] == "temporal_flickering"
 
 
+
+@pytest.mark.parametrize("family, recipe", [("wan2.1-t2v", "wan2.1-t2v-1.3b"), ("wan2.1-i2v", "wan2.1-i2v-14b"),
+                                            ("wan2.2-ti2v", "wan2.2-ti2v-5b"), ("hunyuan-i2v", "hunyuan-i2v"),
+                                            ("hunyuan-t2v", None)])
+def test_a_pipeline_finds_its_familys_recipe_and_notebook_fields(family, recipe, tmp_path):
+    """A real checkpoint's notebook runs start from configs/real/<family>/ (refused where the paper has none), on a
+    CPU without DeepSpeed and in fp32, and its evaluations sample the cache's clips at the cache's size."""
+    import yaml
+    from flgcore import report
+    from flgcore.config import FlgError
+    pipe = write_tiny_pipeline(tmp_path / "pipe", **FAMILIES[family][0])
+    recipe = "hunyuanvideo-i2v" if recipe == "hunyuan-i2v" else recipe
+    assert pipelines.recipe_name(pipe) == recipe
+    if recipe is None:
+        with pytest.raises(FlgError, match="no recipe for this pipeline's family"):
+            report.recipe("stage2", str(pipe))
+        return
+    yml = yaml.safe_load((report.recipe_dir(str(pipe)) / "stage2.yaml").read_text())
+    gpu = report.recipe("stage2", str(pipe), device="cuda", drop=[1], steps=None, alpha=0.5)
+    assert gpu["zero"] is True and gpu["lr"] == yml["lr"] and gpu["steps"] == yml["steps"] and gpu["alpha"] == 0.5
+    assert gpu["model"] == str(pipe) and "data" not in gpu and "selection" not in gpu and gpu["drop"] == [1]
+    cpu = report.recipe("stage2", str(pipe), device="cpu", steps=4)
+    assert "zero" not in cpu and "offload" not in cpu and cpu["precision"] == "fp32" and cpu["steps"] == 4
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps(dict(height=32, width=48, frames=9)))
+    ev = report.eval_fields(str(pipe), str(tmp_path / "cache"), n=2, steps=None, view="drop")
+    assert ev == dict(height=32, width=48, frames=9, device="cpu", n=2, view="drop", suite=f"cache:{tmp_path / 'cache'}")
+    with pytest.raises(FlgError, match="give -p data=<its latent cache>"):
+        report.eval_fields(str(pipe), "synth", n=2)
+
+
+def test_the_testbed_takes_no_recipe_and_the_papers_numbers_stand_below_ours():
+    from flgcore import paper, report
+    assert report.recipe("stage2", "synth-tiny", device="cpu", steps=4, alpha=None) == dict(model="synth-tiny",
+                                                                                            device="cpu", steps=4)
+    assert report.eval_fields("synth-tiny", n=8, steps=None) == dict(device="cpu", n=8)
+    ours = pd.DataFrame({"average": [0.7, 0.8]}, index=pd.Index([0.0, 1.0], name="alpha"))
+    both = report.beside_paper(ours, "table4")
+    assert both.loc["ours"].average.tolist() == [0.7, 0.8]
+    assert both.loc["Table 4, WanX-TI2V"].loc["1.0", "average"] == 0.791  # the paper's alpha 1 row
+    for name, (_, _, dims, rows) in paper.TABLES.items():
+        t = paper.table(name)
+        assert len(t) == len(rows) and t.filter(like="vbench_").shape[1] == len(dims), name
+        assert t.filter(like="vbench_").stack().between(0, 1).all() and t.average.between(0, 1).all(), name
+
+
 def read_video(path):
     return _read(path)[0]

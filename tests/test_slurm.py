@@ -259,3 +259,33 @@ def test_a_zero_run_is_one_job_with_a_process_per_gpu(slurm, tiny_bundle_dir, tm
     wait_until(lambda: sacct_state(slurm, job["job_id"]) == "COMPLETED", 60)  # both processes exited cleanly
     tasks = sorted(Path(job["folder"]).glob(f"{job['job_id']}_*_result.pkl"))
     assert len(tasks) == 2  # one result per task: both ranks ran the stage
+
+
+def test_notebook_03_on_a_real_pipeline_with_the_slurm_launcher_gives_the_local_tables(slurm, tmp_path, monkeypatch):
+    """Notebook 03 on a tiny Wan 2.1 I2V pipeline from its latent cache: every Stage III run and every evaluation
+    (through the stock pipeline) a Slurm job, and the same tables as the local launcher."""
+    from tiny_pipelines import write_tiny_world
+    from flgcore import cli
+    from flgcore.notebooks import run_label, run_notebooks
+    monkeypatch.setenv("OMP_NUM_THREADS", str(THREADS))
+    pipe, cache = write_tiny_world(tmp_path / "world")
+    s2 = report.run_folder("stage2", model=str(pipe), data=str(cache), drop=[1], steps=2, batch_size=2, warmup=1,
+                           threads=THREADS, out=str(tmp_path / "stage2"))
+    params = dict(model=str(pipe), data=str(cache), stage2_model=str(s2 / "model"), steps=2, batch_size=2, eval_n=2,
+                  eval_steps=2, beta1s=[2.0], beta2s=[0.0])
+    only = "03_stage3_ablations"
+    assert run_notebooks("quick", [only], params, tmp_path / "local") == {only: "ok"}
+    args = ["notebooks", "run", "--profile", "quick", "--only", only, "--out", str(tmp_path / "slurm"),
+            "-p", f"launcher={launcher_yaml(tmp_path / 'slurm.yaml')}"] + [f"-p{k}={json.dumps(v)}" for k, v in params.items()]
+    assert cli.main(args) == 0
+    label = run_label("quick", str(pipe))
+    nb_local, nb_slurm = (tmp_path / d / label / only for d in ("local", "slurm"))
+    for table in ("beta1.csv", "beta2.csv", "teacher_and_stage3.csv"):
+        local = pd.read_csv(nb_local / table)
+        assert local.scored_by.str.startswith("weight-free").all()
+        pd.testing.assert_frame_equal(local, pd.read_csv(nb_slurm / table))
+    runs = report.run_folders(tmp_path / "slurm" / label, [only])
+    # beta1 2.0, beta2 0.0 and the unpruned teacher: each a run and its evaluation; the Stage-II-only evaluation
+    assert len(runs) == 7 and all((d / "job.json").is_file() for d in runs), [d for d in runs if not (d / "job.json").is_file()]
+    assert {read_job(d)["state"] for d in runs} == {"COMPLETED"}
+    assert all(read_job(d)["job_id"] for d in runs)

@@ -1,11 +1,43 @@
 """Tiny random-init pipelines of the real diffusers classes, written offline: the tests' real checkpoints."""
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flgcore import synth
 from flgcore.cache import _word_tokenizer
 from flgcore.models import tiny_model
+
+
+FRAMES = 9  # 4k+1 for the Wan VAE
+
+
+def write_videos(root: Path) -> Path:
+    """Five SynthMotion clips as mp4, a broken file and a too-short one, and their manifest (root/manifest.csv)."""
+    import imageio.v2 as imageio
+    rows = []
+    for i, seed in enumerate([10, 11, 12, 13, 14]):
+        spec = synth.clip_spec(seed)
+        clip = synth.render(spec, frames=FRAMES)  # [3, F, 32, 32] in [-1, 1]
+        frames = ((clip.transpose(1, 2, 3, 0) + 1) * 127.5).round().astype(np.uint8)
+        imageio.mimwrite(root / f"v{i}.mp4", list(frames), fps=8, macro_block_size=1)
+        rows.append((f"v{i}.mp4", spec.caption))
+    (root / "broken.mp4").write_bytes(b"not a video at all")
+    imageio.mimwrite(root / "short.mp4", list(frames[:3]), fps=8, macro_block_size=1)
+    rows[2:2] = [("broken.mp4", "a red square moves left"), ("short.mp4", "a blue circle moves up")]
+    (root / "manifest.csv").write_text("video,caption\n" + "".join(f"{v},{c}\n" for v, c in rows))
+    return root / "manifest.csv"
+
+
+def write_tiny_world(root: Path) -> tuple[Path, Path]:
+    """A tiny Wan 2.1 I2V pipeline and a latent cache of five 9-frame 32 x 32 clips made with it: (pipeline, cache)."""
+    from flgcore.cache import CacheConfig, run_cache
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = write_videos(root)
+    pipe = write_tiny_pipeline(root / "pipe")
+    run_cache(CacheConfig(pipeline=str(pipe), manifest=str(manifest), out=str(root / "cache"), frames=FRAMES, height=32,
+                          width=32, shard_size=3, max_sequence_length=8))
+    return pipe, root / "cache"
 
 
 def write_tiny_pipeline(out: str | Path, image_conditioned: bool = True, seed: int = 0, family: str = "wan",
