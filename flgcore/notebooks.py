@@ -32,7 +32,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "01_block_importance": dict(n=64, sigmas=[0.1, 0.3, 0.5, 0.7, 0.9], retentions=[0.9, 0.8, 0.7, 0.6, 0.5],
                                     clip_steps=50),
         "02_stage2_ablations": dict(steps=400, batch_size=16, eval_n=256, eval_steps=50, alphas=[0.0, 0.5, 1.0],
-                                    retentions=[0.8, 0.7, 0.6], val_n=64, lengths=[2000, 4000], lrs=[6e-5, 2e-5]),
+                                    retentions=[0.8, 0.7, 0.6], val_n=64, lengths=[2000, 4000], lrs=[6e-4, 5e-5, 2e-5]),
         # Stage III at configs/stage3_synth_tiny.yaml's length and batch (~9 min per run on 2 CPU threads); the
         # Stage-II-only row sampled as the teacher is (the paper's Table 6 used 28 steps)
         "03_stage3_ablations": dict(steps=300, batch_size=12, eval_n=256, eval_steps=50, beta1s=[1.0, 2.0, 3.5],
