@@ -259,5 +259,26 @@ def test_the_testbed_takes_no_recipe_and_the_papers_numbers_stand_below_ours():
         assert t.filter(like="vbench_").stack().between(0, 1).all() and t.average.between(0, 1).all(), name
 
 
+
+@pytest.mark.slow  # ~1.5 min each on 2 cores; Wan 2.1 I2V runs in the default suite (tests/test_cache.py)
+@pytest.mark.parametrize("family, recipe", [("hunyuan-i2v", "hunyuanvideo-i2v"), ("wan2.2-ti2v", "wan2.2-ti2v-5b"),
+                                            ("wan2.1-t2v", "wan2.1-t2v-1.3b")])
+def test_every_notebook_runs_on_each_familys_tiny_pipeline(family, recipe, tmp_path):
+    from tiny_pipelines import FRAMES, write_videos
+    from flgcore import report
+    from flgcore.cache import CacheConfig, run_cache
+    from flgcore.notebooks import run_notebooks
+    pipe = write_tiny_pipeline(tmp_path / "pipe", **FAMILIES[family][0])
+    run_cache(CacheConfig(pipeline=str(pipe), manifest=str(write_videos(tmp_path)), out=str(tmp_path / "cache"),
+                          frames=FRAMES, height=32, width=32, shard_size=3, max_sequence_length=8))
+    assert report.recipe_dir(str(pipe)).name == recipe
+    params = dict(model=str(pipe), data=str(tmp_path / "cache"), n=2, batch_size=2, sigmas=[0.5], skip=[1],
+                  clip_seeds=[0, 1], clip_steps=2, clip_cfg=2.0, eval_n=2, val_n=2, bench_n=1)
+    status = run_notebooks("quick", params=params, out=tmp_path / "nb")
+    assert set(status.values()) == {"ok"}, status
+    methods = pd.read_csv(tmp_path / "nb" / "quick-pipe" / "05_method_comparison" / "methods.csv", index_col=0)
+    assert methods.scored_by.str.startswith("weight-free").all() and (methods.sec_per_clip > 0).all()
+
+
 def read_video(path):
     return _read(path)[0]
