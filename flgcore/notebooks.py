@@ -47,19 +47,22 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 
 
-# A real checkpoint's full profile: the testbed's sizes give way to the family's recipe (configs/real/<family>/, read
-# by report.recipe: None keeps the recipe's value) and its evaluations score the whole suite; the sweeps stay
+# A real checkpoint's runs take the family's recipe (configs/real/<family>/, read by report.recipe: None keeps the
+# recipe's value) for what the notebooks' defaults set to the testbed's recipe, in every profile; in the full profile
+# also its lengths and batch sizes, and the evaluations score the whole suite; the sweeps stay
+REAL_RECIPE = dict(lr=None, fake_lr=None, fake_updates=None, stage3_lr=None, stage3_fake_lr=None,
+                   stage3_fake_updates=None)
 REAL_FULL_SIZES = dict(steps=None, batch_size=None, eval_n=None, eval_steps=None, val_n=None, stage3_steps=None,
-                       stage3_batch_size=None, lr=None, fake_lr=None, fake_updates=None, stage3_lr=None,
-                       stage3_fake_lr=None, stage3_fake_updates=None, lengths=[], lrs=[], bench_n=4, bench_repeats=2)
+                       stage3_batch_size=None, lengths=[], lrs=[], bench_n=4, bench_repeats=2)
 
 
 def profile_parameters(profile: str, name: str, real: bool) -> dict:
     """A notebook's parameters in a profile: the quick profile is its own parameters cell; the full one the testbed
-    at full size (`PROFILES`), on a real checkpoint with `REAL_FULL_SIZES` over it (Stage I keeps its full size)."""
+    at full size (`PROFILES`). On a real checkpoint `REAL_RECIPE` goes over either, and in the full profile
+    `REAL_FULL_SIZES` too (Stage I keeps its full size)."""
     p = dict(PROFILES[profile].get(name, {}))
-    if real and profile == "full" and name != ORDER[0]:
-        p.update(REAL_FULL_SIZES)
+    if real and name != ORDER[0]:
+        p.update(REAL_RECIPE, **(REAL_FULL_SIZES if profile == "full" else {}))
     return p
 
 
@@ -179,8 +182,10 @@ def run_notebooks(profile: str = "quick", only: list[str] | None = None, params:
     figures = Path("figures")
     if repo_root() != Path.cwd().resolve():  # the notebooks work from the repo root (`at_repo_root`), not from here:
         for k in PATH_PARAMETERS:  # paths relative to here would not resolve there
-            if isinstance(params.get(k), str) and params[k] and Path(params[k]).exists():
-                params[k] = str(Path(params[k]).resolve())
+            v = params.get(k)
+            prefix = "cache:" if k == "suite" and isinstance(v, str) and v.startswith("cache:") else ""
+            if isinstance(v, str) and v and Path(v[len(prefix):]).exists():
+                params[k] = prefix + str(Path(v[len(prefix):]).resolve())
         out, figures = Path(out).resolve(), figures.resolve()
     slurm = slurm_of(params.get("launcher"))  # a bad launcher file is refused before anything runs
     # every stage and eval runs there: here, or on the Slurm jobs' nodes

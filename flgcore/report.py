@@ -161,6 +161,8 @@ def eval_fields(model: str, data: str = "synth", suite: str = "", device: str = 
     ev = dict(device=device, **{k: v for k, v in fields.items() if v is not None})
     if is_testbed(model):
         return ev
+    from .pipelines import image_conditioned, resolve
+    from .suites import read_suite
     if not suite:
         if data == "synth":
             raise FlgError(f"{model} is a real checkpoint: give -p data=<its latent cache> (and -p suite=<prompts> "
@@ -169,6 +171,8 @@ def eval_fields(model: str, data: str = "synth", suite: str = "", device: str = 
     if data != "synth":
         info = read_json(Path(data) / "cache.json")
         ev = dict({k: info[k] for k in ("height", "width", "frames") if info.get(k)}, **ev)
+    if fields.get("n") is None:  # the whole suite
+        ev["n"] = len(read_suite(suite, image_conditioned(resolve(model)[0]), fields.get("suite_images")))
     return dict(ev, suite=suite, **({"vbench_python": vbench_python} if vbench_python else {}))
 
 
@@ -207,7 +211,8 @@ def real_scores_table(results: dict[str, dict]) -> pd.DataFrame:
         row["average"] = float(np.mean(list(official.values()) if official else own)) if official or own else np.nan
         row["scored_by"] = "VBench" if official else "weight-free (VBench's flickering, labelled proxies)"
         row["fig1_score"] = (r.get("vbench") or {}).get("fig1_score", np.nan)
-        row["nfe"] = r.get("nfe", np.nan)
+        # evaluations made before metrics.json recorded it: Wan's steps, twice with CFG
+        row["nfe"] = r.get("nfe", r.get("steps", np.nan) * (2 if (r.get("guidance_scale") or 1) > 1 else 1))
         rows[name] = row
     return pd.DataFrame(rows).T.infer_objects()
 

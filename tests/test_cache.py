@@ -285,6 +285,7 @@ def test_every_notebook_runs_on_a_real_checkpoint_from_its_latent_cache(world, t
     assert (nb01 / "figures" / "block_importance.png").is_file() and (nb01 / "skip_explorer.png").is_file()
     assert json.loads((nb01 / "stage1" / "metrics.json").read_text())["blocks"] == 4
 
+    assert report.eval_fields(str(pipe_dir), str(root / "out"), n=None)["n"] == 5  # the whole suite: the cache's clips
     recipe = yaml.safe_load(open(report.recipe_dir(str(pipe_dir)) / "stage2.yaml"))
     assert report.recipe_dir(str(pipe_dir)).name == "wan2.1-i2v-14b"
     s2 = yaml.safe_load((runs / "02_stage2_ablations" / "alpha_1.0" / "config.yaml").read_text())
@@ -304,7 +305,8 @@ def test_every_notebook_runs_on_a_real_checkpoint_from_its_latent_cache(world, t
     teacher = pd.read_csv(runs / "03_stage3_ablations" / "teacher_and_stage3.csv", index_col=0)
     assert len(teacher) == 3 and teacher.loc["Stage III, pruned teacher", "nfe"] == 4  # the recipe's 4-step student
     s3 = yaml.safe_load((runs / "03_stage3_ablations" / "beta1_2.0" / "config.yaml").read_text())
-    assert s3["fake"] == "lora" and s3["student_steps"] == 4
+    recipe3 = yaml.safe_load(open(report.recipe_dir(str(pipe_dir)) / "stage3.yaml"))
+    assert s3["fake"] == "lora" and s3["student_steps"] == 4 and s3["lr"] == recipe3["lr"]  # not the testbed's lr
     grid = pd.read_csv(runs / "04_steps_vs_retention" / "grid.csv")
     assert sorted(zip(grid.steps, grid.retention)) == [(1, 0.7), (1, 1.0), (2, 0.7), (2, 1.0)]
     assert (runs / "04_steps_vs_retention" / "figures" / "steps_vs_retention.png").is_file()
