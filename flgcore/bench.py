@@ -62,7 +62,7 @@ def time_real(model: str, view: str, steps: int | None, items: list, n: int, rep
               device: str, size: dict) -> dict:
     """Time a real checkpoint's stock pipeline (pipelines.py) over the first n prompts of a suite: one call for the
     n prompts (text-to-video) or one per prompt and its image; the prompts are encoded inside the timed call."""
-    from . import pipelines, suites
+    from . import pipelines, suites  # diffusers' pipelines load only for a real checkpoint
     spec = pipelines.PipeSpec(steps=steps, height=size.get("height"), width=size.get("width"), frames=size.get("frames"))
     loaded = pipelines.load(model, view=view, spec=spec, device=device)
     items = items[:n]
@@ -95,12 +95,11 @@ def time_methods(methods: dict[str, dict], n: int = 16, repeats: int = 5, warmup
     theoretical (NFE x block parameters, the paper's 50*2 / 4 / 0.7 = 35.7x) and measured, and their ratio."""
     if n < 1 or repeats < 1 or warmup < 0:
         raise FlgError(f"need n >= 1, repeats >= 1, warmup >= 0; got n={n}, repeats={repeats}, warmup={warmup}")
+    from . import pipelines, suites
     seeds = synth.heldout_seeds(n)
     rows = []
     for name, m in methods.items():
-        from .pipelines import is_real
-        if not isinstance(m["model"], Bundle) and is_real(m["model"]):  # a real checkpoint: its suite's prompts
-            from . import pipelines, suites
+        if not isinstance(m["model"], Bundle) and pipelines.is_real(m["model"]):  # a real checkpoint: its suite's prompts
             if not suite:
                 raise FlgError(f"{name}: {m['model']} is a real checkpoint; time_methods needs suite=<prompts>")
             pipeline, _ = pipelines.resolve(m["model"])

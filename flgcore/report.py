@@ -18,7 +18,7 @@ from . import flow, synth
 from .config import check_values, from_dict
 from .importance import scoring_bundle  # noqa: F401  (notebook 01 loads its model as Stage I does)
 from .explorer import explorer  # noqa: F401  (the layer-importance explorer, usable in any notebook)
-from .notebooks import at_repo_root  # noqa: F401  (every notebook's first code cell)
+from .notebooks import at_repo_root, testbed_model  # noqa: F401  (at_repo_root: every notebook's first cell)
 from .models import fingerprint
 from .config import FlgError
 from .runs import read_json, run_status, start_run, write_json
@@ -112,12 +112,6 @@ RECIPE_PATHS = ("model", "data", "out", "selection")  # a recipe's paths: a note
 DEEPSPEED_KEYS = ("zero", "offload")
 
 
-def is_testbed(model: str) -> bool:
-    """synth-tiny or a flgcore model with a SynthMotion text encoder (SynthBench scores it); else a real checkpoint."""
-    from .notebooks import testbed_model
-    return testbed_model(str(model))
-
-
 def recipe_dir(model: str, recipe: str = "") -> Path:
     """The folder of stage configs a real checkpoint's notebook runs start from: `recipe`, else the paper's recipe for
     the model's family, configs/real/<family>/ (`pipelines.recipe_name`)."""
@@ -140,7 +134,7 @@ def recipe(stage: str, model: str, recipe: str = "", device: str = "cpu", **fiel
     None for them, and the recipe's stand)."""
     import yaml
     base: dict = {}
-    if not is_testbed(model):
+    if not testbed_model(str(model)):
         path = recipe_dir(model, recipe) / f"{stage}.yaml"
         if not path.is_file():
             raise FlgError(f"recipe {path}: not found (a real checkpoint's {stage} runs start from it)")
@@ -157,9 +151,10 @@ def eval_fields(model: str, data: str = "synth", suite: str = "", device: str = 
     (`fields`: n, steps, view, seed_offset...). A real checkpoint: the prompts of `suite` (default: the latent
     cache's own clips, `cache:<data>`), n of them, at the video size the cache was made at (students are trained
     there), with VBench's official dimensions where `vbench_python` names a VBench environment. None fields are
-    left out (the evaluation's defaults: 50 Euler steps for a teacher, a student's own steps)."""
+    left out (the evaluation's defaults: 50 Euler steps for a teacher, a student's own steps); n None on a real
+    checkpoint is the whole suite."""
     ev = dict(device=device, **{k: v for k, v in fields.items() if v is not None})
-    if is_testbed(model):
+    if testbed_model(str(model)):
         return ev
     from .pipelines import image_conditioned, resolve
     from .suites import read_suite
