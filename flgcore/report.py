@@ -96,8 +96,10 @@ def run_work(work: list[tuple[str, dict]]) -> None:
 
 
 def evaluated(reuse=(), launcher="local", **fields) -> dict:
-    """`flg eval` with these fields, cached like `run` (and reused from `reuse` like `run_folder`)."""
-    return run("eval", reuse, launcher, **fields)
+    """`flg eval` with these fields, cached like `run` (and reused from `reuse` like `run_folder`): its metrics,
+    and `eval_run`, the folder that holds them and its per-clip scores (what `paired` pairs)."""
+    folder = run_folder("eval", reuse, launcher, **fields)
+    return dict(read_json(folder / "metrics.json"), eval_run=str(folder))
 
 
 def run_folders(runs_root: str | Path, notebooks: list[str]) -> list[Path]:
@@ -208,7 +210,7 @@ def real_scores_table(results: dict[str, dict]) -> pd.DataFrame:
         row["fig1_score"] = (r.get("vbench") or {}).get("fig1_score", np.nan)
         # evaluations made before metrics.json recorded it: Wan's steps, twice with CFG
         row["nfe"] = r.get("nfe", r.get("steps", np.nan) * (2 if (r.get("guidance_scale") or 1) > 1 else 1))
-        rows[name] = row
+        rows[name] = dict(row, eval_run=r.get("eval_run"))
     return pd.DataFrame(rows).T.infer_objects()
 
 
@@ -232,7 +234,39 @@ def scores_table(results: dict[str, dict], keys: list[str] | None = None) -> pd.
     df = pd.DataFrame([{**{k: r.get(k, np.nan) for k in keys}, "nfe": r.get("nfe", np.nan)} for r in results.values()],
                       index=list(results))
     df["fig1_score"] = df[FIG1_SCORE].mean(axis=1)
+    df["eval_run"] = [r.get("eval_run") for r in results.values()]  # where each row's per-clip scores are: `paired`
     return df
+
+
+def baseline_row(table: pd.DataFrame, baseline):
+    """The label of `baseline` in `table`: a row label, or "best" (the row with the highest `average`)."""
+    if isinstance(baseline, str) and baseline == "best":
+        return table["average"].astype(float).idxmax()
+    if baseline not in table.index:
+        raise FlgError(f"baseline {baseline!r} is not a row of the table ({list(table.index)})")
+    return baseline
+
+
+def paired(table: pd.DataFrame, baseline="best") -> pd.DataFrame:
+    """`table` with each row's paired difference in `average` to the baseline row (`minus_baseline`: row - baseline,
+    over the same seeds or prompts) and its 95 % bootstrap interval (`ci95_low`, `ci95_high`), from the per-clip
+    scores in the rows' `eval_run` folders: differences of 0.01 that bars on a 0-1 axis hide, with whether they are
+    real. `baseline`: a row label, or "best". Rows without an evaluation folder get NaN."""
+    from .evaluate import paired_difference, read_clips
+    base = baseline_row(table, baseline)
+    if not isinstance(table.at[base, "eval_run"], str):
+        raise FlgError(f"baseline {base!r} has no evaluation folder to pair with")
+    ref = clips_with_average(read_clips(table.at[base, "eval_run"]))
+    cols = {"minus_baseline": "a - b", "ci95_low": "ci95_low", "ci95_high": "ci95_high"}
+    out = table.drop(columns=list(cols), errors="ignore")
+    for col in cols:
+        out[col] = np.nan
+    for name, run_dir in table["eval_run"].items():
+        if isinstance(run_dir, str):
+            d = paired_difference(clips_with_average(read_clips(run_dir)), ref).loc["average"]
+            for col, src in cols.items():
+                out.at[name, col] = d[src]
+    return out
 
 
 def save_figure(fig, name: str, run_dir: str | Path, figures: str | Path | None = None) -> list[Path]:
@@ -392,7 +426,7 @@ def plot_table_bars(df: pd.DataFrame, x: str, metrics: list[str], title: str, ax
     ax = ax or plt.subplots(figsize=(8, 3.2))[1]
     long = df.rename_axis(x).reset_index().melt(id_vars=[x], value_vars=metrics, var_name="metric", value_name="score")
     sns.barplot(long, x="metric", y="score", hue=x, ax=ax)
-    ax.set(title=title, ylim=(0, 1.05))
+    ax.set(title=title, ylim=(0, 1.05), xlabel="")  # the ticks name the metrics; "metric" would meet the legend
     ax.tick_params(axis="x", rotation=30)
     # below the axes: inside, the legend covers bars near 1.0, where most of these scores lie
     sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.42), ncol=min(len(df), 4), title=x, frameon=False)
@@ -469,10 +503,8 @@ def variants(stage: str, base: dict, named: dict[str, dict], out: str | Path, ev
              model_subdir: str = "model", launcher="local") -> pd.DataFrame:
     """Run `stage` once per named variant (`base` with the variant's fields, in out/<name>), evaluate what each
     made (eval_fields), and return their scores with each one's paired difference in `average` to `baseline`
-    (`<name> - baseline`, over the same seeds) and its 95 % bootstrap interval: differences of 0.01 that bars on
-    a 0-1 axis hide, with whether they are real. Each variant is reused when finished, like `run`; the unfinished
-    ones go to the launcher at once, like a sweep's values (with Slurm: one job each, submitted together)."""
-    from .evaluate import paired_difference, read_clips
+    (`paired`). Each variant is reused when finished, like `run`; the unfinished ones go to the launcher at once,
+    like a sweep's values (with Slurm: one job each, submitted together)."""
     from .launch import launcher as launcher_of
     if baseline not in named:
         raise FlgError(f"baseline {baseline!r} is not one of the variants {list(named)}")
@@ -484,16 +516,11 @@ def variants(stage: str, base: dict, named: dict[str, dict], out: str | Path, ev
         works[name] = [(stage, fields), ("eval", dict(eval_fields, model=str(run_dir / model_subdir),
                                                       out=str(run_dir / "eval")))]
     launcher_of(launcher).run(list(works.values()))
-    folders, results = {}, {}
+    results = {}
     for name, ((_, fields), (_, ev)) in works.items():  # now these only read the finished run folders
         run(stage, **fields)
-        results[name], folders[name] = evaluated(**ev), Path(ev["out"])
-    table = scores_table(results)
-    ref = clips_with_average(read_clips(folders[baseline]))
-    diffs = {name: paired_difference(clips_with_average(read_clips(f)), ref).loc["average"]
-             for name, f in folders.items()}
-    for col, src in (("minus_baseline", "a - b"), ("ci95_low", "ci95_low"), ("ci95_high", "ci95_high")):
-        table[col] = [diffs[n][src] for n in table.index]
+        results[name] = evaluated(**ev)
+    table = paired(scores_table(results), baseline)
     table.index.name = "variant"
     return table
 
@@ -507,26 +534,59 @@ def clips_with_average(clips: pd.DataFrame) -> pd.DataFrame:
     return clips.assign(average=clips[cols].mean(axis=1))
 
 
-def plot_paired(table: pd.DataFrame, baseline: str, title: str, ax=None):
-    """Each variant's paired difference in average to the baseline, with its 95 % interval, on an axis that shows
-    differences of 0.01 (`variants`' table)."""
-    t = table.drop(index=baseline).sort_values("minus_baseline")
+def plot_paired(table: pd.DataFrame, baseline, title: str, ax=None):
+    """Each row's paired difference in average to the baseline (a row label, or "best"), with its 95 % interval
+    written beside it, on an axis that shows differences of 0.01 (a table from `paired`). Green: above the
+    baseline, red: below, grey: the interval holds 0. Rows with no difference (nothing to pair) are left out."""
+    base = baseline_row(table, baseline)
+    t = table.drop(index=base).dropna(subset=["minus_baseline"]).sort_values("minus_baseline")
     ax = ax or plt.subplots(figsize=(7, 0.45 * len(t) + 1.2))[1]
     err = np.stack([t.minus_baseline - t.ci95_low, t.ci95_high - t.minus_baseline])
     colors = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(t.ci95_low, t.ci95_high)]
-    ax.barh(list(map(str, t.index)), t.minus_baseline, xerr=err, color=colors, capsize=3)
+    # the numbers in the labels: on an axis that must also hold a collapse (-0.7), a 0.01 bar is a sliver
+    labels = [f"{n}\n{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for n, d, lo, hi in
+              zip(t.index, t.minus_baseline, t.ci95_low, t.ci95_high)]
+    ax.barh(labels, t.minus_baseline, xerr=err, color=colors, capsize=3)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set(title=title, xlabel=f"average minus {baseline} (95 % paired interval)")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.set(title=title, xlabel=f"average minus {base} (95 % paired interval)")
     return ax.figure
 
 
-def best_stage2_model(runs_root: str | Path) -> str:
-    """Notebook 02's Stage-II model of the best alpha (see `best_value`)."""
-    nb02 = Path(runs_root) / "02_stage2_ablations"
-    best = best_value(nb02 / "alpha.csv", "alpha")
-    # the folder report.sweep made for that value, whether it was written as 1 or 1.0
-    found = [d for d in nb02.glob("alpha_*") if float(d.name[len("alpha_"):]) == best]
-    return str((found[0] if found else nb02 / f"alpha_{best}") / "model")
+def plot_sweep(table: pd.DataFrame, x: str, metrics: list[str], title: str, baseline="best", axes=None):
+    """A sweep's scores as bars per metric (left: the levels) and its paired differences in average to the
+    baseline (right: whether they are real; `plot_paired`). `axes`: two axes to draw into."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 3.4), gridspec_kw=dict(width_ratios=[3, 2], wspace=0.45))
+    plot_table_bars(table.rename(index=str), x, metrics, title, ax=axes[0])
+    name = (lambda v: f"{x} {v}")  # "alpha 0.5": the paired panel has no legend to say what its rows are
+    plot_paired(table.rename(index=name), name(baseline_row(table, baseline)), "paired, against the best", ax=axes[1])
+    return axes[0].figure
+
+
+def choose_stage2(diagnosis: pd.DataFrame, fields: dict[str, dict], folder: str | Path, out: str | Path) -> dict:
+    """Notebook 02's Stage II for the later notebooks: of the `variants` in `diagnosis` (scored on validation seeds,
+    so the choice is not made on the seeds the later tables report), the one with the highest average, among
+    those that keep the notebook's keep set and length (`fields`: name -> its Stage II fields; a variant that sets
+    `drop` or `steps` answers a question, it is not a recipe for every retention). Writes out/best_stage2.json:
+    the variant, its fields, its model (`folder`/<name>/model) and its validation average."""
+    recipes = [n for n in diagnosis.index if not {"drop", "steps"} & set(fields[n])]
+    if not recipes:
+        raise FlgError("no Stage II variant keeps the notebook's keep set and length: nothing to choose from")
+    name = diagnosis.loc[recipes, "average"].astype(float).idxmax()
+    model = Path(diagnosis.at[name, "eval_run"]).parent / "model"
+    choice = dict(variant=name, fields=fields[name], model=str(model), average=float(diagnosis.at[name, "average"]))
+    write_json(Path(out) / "best_stage2.json", choice)
+    return choice
+
+
+def best_stage2(runs_root: str | Path) -> dict:
+    """Notebook 02's choice (`choose_stage2`): the Stage II that notebooks 03-05 start from (its `model`) and that
+    notebook 04 trains at every retention (its `fields`)."""
+    path = Path(runs_root) / "02_stage2_ablations" / "best_stage2.json"
+    if not path.is_file():
+        raise FlgError(f"{path} not found: run notebook 02 first, or pass stage2_model explicitly")
+    return read_json(path)
 
 
 def finished_twin(stage: str, fields: dict, folders) -> Path | None:
@@ -543,7 +603,7 @@ def finished_twin(stage: str, fields: dict, folders) -> Path | None:
 
 
 def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_fields: dict,
-          model_subdir: str = "model", jobs: int = 1, reuse=(), launcher="local") -> pd.DataFrame:
+          model_subdir: str = "model", jobs: int = 1, reuse=(), launcher="local", baseline=None) -> pd.DataFrame:
     """Run `stage` once per value of config field `key` (each in out/<key>_<value>), evaluate what it
     made with `flg eval` (eval_fields: n, steps, view...), and return one SynthBench row per value.
 
@@ -554,7 +614,9 @@ def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_
 
     A value whose config is that of a finished run in `reuse` (folders of an earlier sweep: notebook 02's
     drop-mode sweep holds the alpha sweep's winner again) takes that run and its evaluation rather than
-    training the same model twice."""
+    training the same model twice.
+
+    `baseline` (a value, or "best"): add each value's paired difference to that value's row (`paired`)."""
     from .launch import launcher as launcher_of
     todo = []
     reuse = list(reuse)
@@ -573,4 +635,4 @@ def sweep(stage: str, key: str, values: list, base: dict, out: str | Path, eval_
         results[v if isinstance(v, (int, float, str)) else str(v)] = evaluated(**ev)
     table = scores_table(results)
     table.index.name = key
-    return table
+    return paired(table, baseline) if baseline is not None else table

@@ -36,6 +36,7 @@ variant alpha0.5-shared alpha=0.5 target=shared
 variant alpha0-shared alpha=0.0 target=shared
 variant alpha1-frozen-lr2e-5 alpha=1.0 target=frozen lr=2e-5
 variant alpha1-frozen-lr6e-4 alpha=1.0 target=frozen lr=6e-4
+variant alpha1-frozen-both-2000 alpha=1.0 target=frozen views=both steps=2000
 variant alpha1-frozen-2000 alpha=1.0 target=frozen steps=2000
 variant alpha1-frozen-4000 alpha=1.0 target=frozen steps=4000
 .venv/bin/python - "$R" <<'EOF'

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from flgcore.bench import BenchConfig
 from flgcore.evaluate import EvalConfig
@@ -18,7 +19,7 @@ PREFIXED = {"eval_": EvalConfig, "bench_": BenchConfig, "clip_": EvalConfig, "st
 SWEEPS = {"lengths": "steps"}  # sweeps whose name is not the field's plural: Stage II lengths
 # notebook-level inputs that are not one config's field: where to write, which earlier run to read, and which
 # folder of stage configs a real checkpoint's runs start from
-NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2_model", "skip", "clip_seeds", "jobs", "launcher",
+NOTEBOOK_INPUTS = {"out", "figures", "runs_root", "stage1_run", "stage2", "stage2_model", "skip", "clip_seeds", "jobs", "launcher",
                    "recipe"}
 
 
@@ -60,7 +61,15 @@ def test_every_notebook_runs_end_to_end(tmp_path):
     diagnosis = pd.read_csv(tmp_path / "quick" / "02_stage2_ablations" / "diagnosis.csv", index_col=0)
     assert diagnosis.loc["frozen, alpha 1", "minus_baseline"] == 0 and "3 steps" in diagnosis.index
     assert diagnosis[["ci95_low", "ci95_high"]].notna().all().all()
+    # notebooks 03-05 start from the best variant on the validation seeds, and 04 trains it at every retention
+    choice = json.loads((tmp_path / "quick" / "02_stage2_ablations" / "best_stage2.json").read_text())
+    assert choice["variant"] in diagnosis.index and choice["variant"] != "3 steps"
+    assert choice["average"] == diagnosis.drop(index=["3 steps", "iterative keep set"]).average.max()
+    s3 = yaml.safe_load((tmp_path / "quick" / "03_stage3_ablations" / "beta1_3.5" / "config.yaml").read_text())
+    assert s3["model"] == choice["model"]
     assert not (tmp_path / "quick" / "04_steps_vs_retention" / "stage2_r0.7").exists()  # notebook 02's run, reused
+    grid = pd.read_csv(tmp_path / "quick" / "04_steps_vs_retention" / "grid.csv")
+    assert (grid.minus_baseline <= 0).all() and grid.ci95_low.notna().all()  # every student against the best one
     # notebook 05's FastLightGen student is notebook 03's beta1 run, and its drop-view evaluation is 03's too;
     # its DMD2 (4 steps) is no run of 04 (1 step here), so it trains its own
     nb05 = tmp_path / "quick" / "05_method_comparison"
@@ -75,24 +84,57 @@ def test_every_notebook_runs_end_to_end(tmp_path):
     assert set(run_notebooks("quick", params=TINY, out=tmp_path).values()) == {"reused"}
 
 
-def test_later_notebooks_start_from_the_best_alpha_of_notebook_02(tmp_path):
+def test_best_value_is_the_swept_value_of_the_highest_average(tmp_path):
     import pandas as pd
-    from flgcore.config import FlgError
-    from flgcore.report import best_stage2_model, best_value
+    from flgcore.report import best_value
     table = pd.DataFrame({"average": [0.9, 0.10, 0.26, 0.01]}, index=["skip, untrained", 0.0, 0.5, 1.0])
     assert best_value(table, "alpha") == 0.5  # the untrained baseline row is not an alpha
     beta1 = pd.DataFrame({"average": [0.70, 0.75, 0.69]}, index=[1.0, 2.0, 3.5])
     beta1.to_csv(tmp_path / "beta1.csv")
     assert best_value(tmp_path / "beta1.csv", "beta1") == 2.0
+
+
+def test_later_notebooks_start_from_the_best_stage2_variant_of_notebook_02(tmp_path):
+    import pandas as pd
+    from flgcore.config import FlgError
+    from flgcore.report import best_stage2, choose_stage2
     nb02 = tmp_path / "02_stage2_ablations"
-    nb02.mkdir()
-    table.to_csv(nb02 / "alpha.csv")
-    assert best_stage2_model(tmp_path) == str(nb02 / "alpha_0.5" / "model")  # the folder report.sweep writes
-    (nb02 / "alpha_1").mkdir()  # a sweep over alphas=[0, 1] names its folders without ".0"
-    pd.DataFrame({"average": [0.1, 0.3]}, index=[0, 1]).to_csv(nb02 / "alpha.csv")
-    assert best_stage2_model(tmp_path) == str(nb02 / "alpha_1" / "model")
-    with pytest.raises(FlgError, match="02_stage2_ablations/alpha.csv not found"):
-        best_stage2_model(tmp_path / "elsewhere")
+    names = ["frozen, alpha 1", "both views every step", "iterative keep set", "2000 steps"]
+    diagnosis = pd.DataFrame({"average": [0.71, 0.74, 0.76, 0.80],
+                              "eval_run": [str(nb02 / "diagnosis" / n / "eval") for n in names]}, index=names)
+    fields = {"frozen, alpha 1": dict(alpha=1.0), "both views every step": dict(alpha=1.0, views="both"),
+              "iterative keep set": dict(alpha=1.0, drop=[1, 2]), "2000 steps": dict(alpha=1.0, steps=2000)}
+    with pytest.raises(FlgError, match="run notebook 02 first"):
+        best_stage2(tmp_path)
+    # a longer run or another keep set scores higher, but it is no recipe for notebook 04's every retention
+    choice = choose_stage2(diagnosis, fields, nb02 / "diagnosis", nb02)
+    assert choice["variant"] == "both views every step" and choice["fields"] == dict(alpha=1.0, views="both")
+    assert best_stage2(tmp_path) == choice and choice["model"] == str(nb02 / "diagnosis" / names[1] / "model")
+    with pytest.raises(FlgError, match="nothing to choose from"):
+        choose_stage2(diagnosis.iloc[2:], fields, nb02 / "diagnosis", nb02)
+
+
+def test_paired_differences_are_against_the_baseline_row_on_the_same_seeds(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from flgcore import report
+    from flgcore.config import FlgError
+    a = np.random.default_rng(0).uniform(0.4, 0.6, 16)  # per-seed scores; b = a + 0.05 and c = a - 0.2 on every seed
+    for name, shift in (("a", 0.0), ("b", 0.05), ("c", -0.2)):
+        (tmp_path / name).mkdir()
+        pd.DataFrame({"seed": range(16), "average": a + shift}).to_csv(tmp_path / name / "clips.csv", index=False)
+    table = pd.DataFrame({"average": [0.5, 0.55, 0.3, 0.1], "eval_run": [str(tmp_path / n) for n in "abc"] + [None]},
+                         index=["a", "b", "c", "untrained"])
+    t = report.paired(table, "best")
+    assert t.loc["b", "minus_baseline"] == 0 and t.loc["a", "minus_baseline"] == pytest.approx(-0.05)
+    assert t.loc["a", "ci95_low"] == pytest.approx(-0.05) and t.loc["a", "ci95_high"] == pytest.approx(-0.05)
+    assert t.loc["c", "minus_baseline"] == pytest.approx(-0.25) and np.isnan(t.loc["untrained", "minus_baseline"])
+    assert report.paired(table, "a").loc["b", "minus_baseline"] == pytest.approx(0.05)
+    with pytest.raises(FlgError, match="baseline 'z' is not a row"):
+        report.paired(table, "z")
+    fig = report.plot_paired(t, "best", "t")  # the rows that pair, with their numbers written beside the bars
+    assert [x.get_text() for x in fig.axes[0].get_yticklabels()] == ["c\n-0.250 [-0.250, -0.250]",
+                                                                     "a\n-0.050 [-0.050, -0.050]"]
 
 
 def test_a_sweep_in_parallel_processes_gives_the_same_table(tiny_bundle_dir, tmp_path, monkeypatch):
@@ -112,7 +154,8 @@ def test_a_sweep_in_parallel_processes_gives_the_same_table(tiny_bundle_dir, tmp
         return stage(name)[0], refuse
     monkeypatch.setattr(report, "_stage", read_only)
     parallel = report.sweep("stage2", "alpha", [0.5, 1.0], base, tmp_path / "parallel", ev, jobs=2)
-    pd.testing.assert_frame_equal(serial, parallel)
+    pd.testing.assert_frame_equal(serial.drop(columns="eval_run"), parallel.drop(columns="eval_run"))
+    assert serial.loc[0.5, "eval_run"] == str(tmp_path / "serial" / "alpha_0.5" / "eval")
 
 
 def test_a_sweep_reuses_a_finished_run_of_the_same_config(tiny_bundle_dir, tmp_path, monkeypatch):

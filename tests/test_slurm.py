@@ -116,7 +116,8 @@ def test_a_sweep_is_one_job_array_and_gives_the_local_table(slurm, tiny_bundle_d
     local = report.sweep("stage2", "alpha", [0.5, 1.0], base, tmp_path / "local", ev)
     on_slurm = report.sweep("stage2", "alpha", [0.5, 1.0], base, tmp_path / "slurm", ev,
                             launcher=launcher_yaml(tmp_path / "slurm.yaml"))
-    pd.testing.assert_frame_equal(local, on_slurm)
+    # the same scores; each row's `eval_run` names its own folder
+    pd.testing.assert_frame_equal(local.drop(columns="eval_run"), on_slurm.drop(columns="eval_run"))
     jobs = [read_job(tmp_path / "slurm" / f"alpha_{a}") for a in (0.5, 1.0)]
     assert {j["job_id"].split("_")[0] for j in jobs} == {jobs[0]["job_id"].split("_")[0]}  # one sbatch
     assert sorted(j["array_index"] for j in jobs) == [0, 1]
@@ -233,7 +234,7 @@ def test_notebook_02_with_the_slurm_launcher_gives_the_local_tables(slurm, tiny_
     tables = [t for t in ("alpha.csv", "drop_mode.csv", "retention.csv", "diagnosis.csv") if (nb_local / t).is_file()]
     assert len(tables) >= 3
     for table in tables:
-        pd.testing.assert_frame_equal(pd.read_csv(nb_local / table), pd.read_csv(nb_slurm / table))
+        pd.testing.assert_frame_equal(*(pd.read_csv(nb / table).drop(columns="eval_run") for nb in (nb_local, nb_slurm)))
     runs = report.run_folders(tmp_path / "slurm" / label, [only])
     # the untrained view's evaluation, then alpha 1 and drop mode per_block: each a run and its evaluation
     assert len(runs) >= 5 and all((d / "job.json").is_file() for d in runs), [d for d in runs if not (d / "job.json").is_file()]
@@ -283,7 +284,7 @@ def test_notebook_03_on_a_real_pipeline_with_the_slurm_launcher_gives_the_local_
     for table in ("beta1.csv", "beta2.csv", "teacher_and_stage3.csv"):
         local = pd.read_csv(nb_local / table)
         assert local.scored_by.str.startswith("weight-free").all()
-        pd.testing.assert_frame_equal(local, pd.read_csv(nb_slurm / table))
+        pd.testing.assert_frame_equal(local.drop(columns="eval_run"), pd.read_csv(nb_slurm / table).drop(columns="eval_run"))
     runs = report.run_folders(tmp_path / "slurm" / label, [only])
     # beta1 2.0, beta2 0.0 and the unpruned teacher: each a run and its evaluation; the Stage-II-only evaluation
     assert len(runs) == 7 and all((d / "job.json").is_file() for d in runs), [d for d in runs if not (d / "job.json").is_file()]
