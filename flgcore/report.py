@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
-import torch
 
-from . import flow, synth
 from .config import check_values, from_dict
 from .importance import scoring_bundle  # noqa: F401  (notebook 01 loads its model as Stage I does)
 from .explorer import explorer  # noqa: F401  (the layer-importance explorer, usable in any notebook)
 from .notebooks import at_repo_root, testbed_model  # noqa: F401  (at_repo_root: every notebook's first cell)
-from .models import fingerprint
 from .config import FlgError
 from .runs import read_json, run_status, start_run, write_json
+from .selection import (importance_tables, scoring_batches_for, selection_comparison, set_error,  # noqa: F401
+                        skip_explorer)  # (notebook 01's block-importance analysis)
+from .plots import (baseline_row, plot_contour, plot_heatmap, plot_paired, plot_quality_vs_time,  # noqa: F401
+                    plot_selection, plot_sweep, plot_table_bars, plot_u_curve, save_figure)  # (the notebooks' figures)
 
 # the paper's Fig. 1 score (mean of dynamic degree, aesthetic and imaging quality), in SynthBench analogues:
 # SynthBench has no aesthetic dimension, so subject_consistency stands in for it
@@ -238,15 +237,6 @@ def scores_table(results: dict[str, dict], keys: list[str] | None = None) -> pd.
     return df
 
 
-def baseline_row(table: pd.DataFrame, baseline):
-    """The label of `baseline` in `table`: a row label, or "best" (the row with the highest `average`)."""
-    if isinstance(baseline, str) and baseline == "best":
-        return table["average"].astype(float).idxmax()
-    if baseline not in table.index:
-        raise FlgError(f"baseline {baseline!r} is not a row of the table ({list(table.index)})")
-    return baseline
-
-
 def paired(table: pd.DataFrame, baseline="best") -> pd.DataFrame:
     """`table` with each row's paired difference in `average` to the baseline row (`minus_baseline`: row - baseline,
     over the same seeds or prompts) and its 95 % bootstrap interval (`ci95_low`, `ci95_high`), from the per-clip
@@ -267,204 +257,6 @@ def paired(table: pd.DataFrame, baseline="best") -> pd.DataFrame:
             for col, src in cols.items():
                 out.at[name, col] = d[src]
     return out
-
-
-def save_figure(fig, name: str, run_dir: str | Path, figures: str | Path | None = None) -> list[Path]:
-    """PNG and PDF into the run folder and, if given, into figures/."""
-    paths = []
-    for d in [run_dir] + ([figures] if figures else []):
-        Path(d).mkdir(parents=True, exist_ok=True)
-        for ext in ("png", "pdf"):
-            paths.append(Path(d) / f"{name}.{ext}")
-            fig.savefig(paths[-1], dpi=150, bbox_inches="tight")
-    return paths
-
-
-# ----------------------------------------------------------------------------- block importance
-
-def importance_tables(stage1_run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    run_dir = Path(stage1_run)
-    return pd.read_csv(run_dir / "blocks.csv"), pd.read_csv(run_dir / "importance.csv")
-
-
-def plot_u_curve(by_block: pd.DataFrame, ax=None):
-    """Fig. 4: importance (Eq. 4 error with the block skipped) against block index, with standard errors."""
-    ax = ax or plt.subplots(figsize=(7, 3.2))[1]
-    ax.errorbar(by_block.block, by_block.importance, yerr=by_block.se, fmt="o-", capsize=2)
-    ax.set(xlabel="block index", ylabel="error with the block skipped", title="Block importance (Fig. 4)")
-    return ax.figure
-
-
-def plot_heatmap(by_sigma: pd.DataFrame, ax=None):
-    ax = ax or plt.subplots(figsize=(8, 3))[1]
-    grid = by_sigma.pivot(index="sigma", columns="block", values="mean")
-    # The error of every skip grows with sigma (the task gets harder), which would hide the blocks'
-    # ranking within a row: show each row relative to its mean, so 1 is an average block at that sigma.
-    grid = grid.div(grid.mean(axis=1), axis=0)
-    grid.index = [f"{s:.2f}" for s in grid.index]
-    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws=dict(label="error / mean of the row"))
-    ax.set(title="Importance per timestep (each sigma relative to its mean)", ylabel="sigma")
-    return ax.figure
-
-
-def plot_selection(selection: pd.DataFrame, ax=None):
-    """Eq. 3 error of the subset each selection keeps, against retention (one line per method)."""
-    ax = ax or plt.subplots(figsize=(6, 3.2))[1]  # its own figure: seaborn would otherwise draw on the last one
-    sns.lineplot(selection, x="retention", y="eq3_error", hue="method", marker="o", ax=ax)
-    ax.set(xlabel="retention (share of block parameters kept)", ylabel="Eq. 3 error of the kept subset",
-           title="One-shot ranking vs iterative greedy")
-    return ax.figure
-
-
-def scoring_batches_for(bundle, n: int, sigmas: list[float], seed: int, batch_size: int = 16, data: str = "synth"):
-    """Stage I's draws, on the CPU (they go to the model one batch at a time)."""
-    from .importance import Stage1Config, scoring_batches
-    return list(scoring_batches(Stage1Config(n=n, sigmas=list(sigmas), seed=seed, batch_size=batch_size, data=data),
-                                bundle.encoder))
-
-
-@torch.no_grad()
-def set_error(model, batches, drop: list[int]) -> float:
-    """Eq. 3 for a whole set: mean squared output error of the view without `drop` against the full model."""
-    from .importance import eq3_error
-    from .models import to_device, velocity
-    from .surgery import skipping
-    errs = []
-    device = next(model.parameters()).device
-    for batch in batches:
-        x0, cond, eps, s = to_device(device, *batch)
-        x_s = flow.add_noise(x0, eps, s)
-        v_full = velocity(model, x_s, s, cond)
-        with skipping(model, drop):
-            errs.append(eq3_error(velocity(model, x_s, s, cond), v_full))
-    return float(torch.cat(errs).mean())
-
-
-def selection_comparison(bundle, by_block: pd.DataFrame, retentions: list[float], n: int, sigmas: list[float],
-                         seed: int = 1, csv: str | Path | None = None, data: str = "synth",
-                         batch_size: int = 16) -> pd.DataFrame:
-    """One-shot ranking vs iterative greedy: the Eq. 3 error of each keep set on fresh draws (seed != Stage I's;
-    from a latent cache, the same first n clips with fresh noise). With `csv`, the table is written there (its
-    parameters beside it) and reused when they match."""
-    params = dict(retentions=list(retentions), n=n, sigmas=list(sigmas), seed=seed, model=fingerprint(bundle.root),
-                  importance=by_block.sort_values("block").importance.round(10).tolist())
-    if data != "synth":
-        params.update(data=str(Path(data).resolve()), batch_size=batch_size)
-    if (dtype := next(bundle.model.parameters()).dtype) != torch.float32:
-        params.update(dtype=str(dtype))
-    sidecar = Path(csv).with_suffix(".json") if csv else None
-    if sidecar is not None and sidecar.is_file() and Path(csv).is_file() and read_json(sidecar) == params:
-        return pd.read_csv(csv)
-    table = _selection_comparison(bundle, by_block, retentions, n, sigmas, seed, data, batch_size)
-    if csv:
-        tmp = Path(csv).with_suffix(".tmp")
-        table.to_csv(tmp, index=False)
-        tmp.replace(csv)
-        write_json(sidecar, params)
-    return table
-
-
-def _selection_comparison(bundle, by_block, retentions, n, sigmas, seed, data="synth", batch_size=16) -> pd.DataFrame:
-    from .importance import iterative_path, keep_after
-    from .surgery import blocks, complement, select_keep
-    model = bundle.model
-    params = [b.params for b in blocks(model)]
-    pick = scoring_batches_for(bundle, n, sigmas, seed=0, batch_size=batch_size, data=data)
-    held = scoring_batches_for(bundle, n, sigmas, seed=seed, batch_size=batch_size, data=data)
-    path = iterative_path(model, pick, min(retentions), "eq3", progress=False)  # one greedy path serves all
-    rows = []
-    for r in retentions:
-        keeps = dict(oneshot=select_keep(by_block.sort_values("block").importance.tolist(), params, r),
-                     iterative=keep_after(model, path, r))
-        for method, keep in keeps.items():
-            rows.append(dict(retention=r, method=method, kept=len(keep), keep=keep,
-                             eq3_error=set_error(model, held, complement(model, keep))))
-    return pd.DataFrame(rows)
-
-
-def skip_explorer(bundle, skip: list[int], seeds: list[int], steps: int = 25, n_err: int = 16,
-                  sigmas: tuple[float, ...] = (0.3, 0.7), data: str = "synth", cfg_scale: float | None = None,
-                  batch_size: int = 16, frames: int = 8):
-    """Skip these blocks: their Eq. 3 error, and clips of the full model beside the skip view (one figure;
-    `frames` evenly spaced frames of each clip). On the testbed the clips are SynthMotion seeds; on a real
-    checkpoint (`data` a latent cache) they are the cache's first clips, re-generated from their prompts and
-    first frames with one noise seed each, and decoded with the pipeline's VAE (`cfg_scale`: e.g. 5 for Wan)."""
-    from .sampling import SampleSpec, sample_cached, sample_seeds, to_uint8
-    err = set_error(bundle.model, scoring_batches_for(bundle, n_err, list(sigmas), seed=2, batch_size=batch_size,
-                                                      data=data), list(skip))
-    spec = lambda drop: SampleSpec("euler", steps, cfg_scale, None, None, drop).resolve(bundle.meta)
-    if data == "synth":
-        views = {name: sample_seeds(bundle, spec(drop), list(seeds), progress=False)[0]
-                 for name, drop in (("full", []), (f"skip {list(skip)}", list(skip)))}
-        real = synth.clips(list(seeds))[0]
-    else:
-        from .cache import latent_decoder
-        from .data import LatentCache
-        cache, index = LatentCache(data), list(range(len(seeds)))
-        if len(seeds) > len(cache):
-            raise FlgError(f"clip_seeds: {len(seeds)} clips asked for, the cache {data} holds {len(cache)}")
-        decode = latent_decoder(bundle.root.parent, device=str(next(bundle.model.parameters()).device))
-        real = decode(cache.items(index)[0])
-        views = {name: decode(sample_cached(bundle, spec(drop), cache, index, list(seeds)))
-                 for name, drop in (("full", []), (f"skip {list(skip)}", list(skip)))}
-    rows = [("real", real), *views.items()]
-    shown = np.unique(np.linspace(0, real.shape[2] - 1, min(frames, real.shape[2])).round().astype(int))
-    fig, axes = plt.subplots(len(rows), len(seeds), figsize=(3.2 * len(seeds), 1.0 * len(rows) + 0.6), squeeze=False)
-    for i, (name, clips) in enumerate(rows):
-        for j in range(len(seeds)):
-            axes[i, j].imshow(np.concatenate(list(to_uint8(clips[j][:, shown], 1)), axis=1))
-            axes[i, j].set_xticks([]); axes[i, j].set_yticks([])
-            if j == 0:
-                axes[i, j].set_ylabel(name, rotation=0, ha="right", va="center")
-    fig.suptitle(f"Eq. 3 error of skipping {list(skip)}: {err:.4f}")
-    return err, fig
-
-
-# ----------------------------------------------------------------------------- ablation figures
-
-def plot_table_bars(df: pd.DataFrame, x: str, metrics: list[str], title: str, ax=None):
-    ax = ax or plt.subplots(figsize=(8, 3.2))[1]
-    long = df.rename_axis(x).reset_index().melt(id_vars=[x], value_vars=metrics, var_name="metric", value_name="score")
-    sns.barplot(long, x="metric", y="score", hue=x, ax=ax)
-    ax.set(title=title, ylim=(0, 1.05), xlabel="")  # the ticks name the metrics; "metric" would meet the legend
-    ax.tick_params(axis="x", rotation=30)
-    # below the axes: inside, the legend covers bars near 1.0, where most of these scores lie
-    sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.42), ncol=min(len(df), 4), title=x, frameon=False)
-    return ax.figure
-
-
-def plot_quality_vs_time(table: pd.DataFrame, ax=None):
-    """Fig. 2: SynthBench average against measured seconds per clip, one point per method (the table's index)."""
-    ax = ax or plt.subplots(figsize=(6, 3.6))[1]
-    sns.scatterplot(table.reset_index(names="method"), x="sec_per_clip", y="average", hue="method", s=80, ax=ax)
-    score = "SynthBench average" if "scored_by" not in table else f"average ({table.scored_by.iloc[0]})"
-    ax.set(xscale="log", xlabel="seconds per clip (measured)", ylabel=score,
-           title="Quality vs measured time per clip (Fig. 2)")
-    return ax.figure
-
-
-def plot_contour(grid: pd.DataFrame, value: str | None = None, ax=None):
-    """Fig. 1: score over (student steps, retention), with iso-compute lines steps x retention = const. `value`:
-    the paper's Fig. 1 score where every student has one (SynthBench, or VBench), else the average."""
-    value = value or ("fig1_score" if grid["fig1_score"].notna().all() else "average")
-    ax = ax or plt.subplots(figsize=(5.5, 4.2))[1]
-    piv = grid.pivot_table(index="retention", columns="steps", values=value)
-    S, R = np.meshgrid(piv.columns.values.astype(float), piv.index.values.astype(float))
-    if min(piv.shape) >= 2:
-        cs = ax.contourf(S, R, piv.values, levels=12, cmap="viridis")
-        ax.scatter(S, R, c="w", s=8)
-    else:  # a grid one point wide has no contours: show the points
-        cs = ax.scatter(S, R, c=piv.values, cmap="viridis", s=120)
-        ax.margins(0.3)
-    ax.figure.colorbar(cs, ax=ax, label=value)
-    for c in sorted({float(s * r) for s in piv.columns for r in piv.index})[::2]:
-        s_line = np.linspace(S.min(), S.max(), 50)
-        ax.plot(s_line, c / s_line, "w--", lw=0.6)
-    if min(piv.shape) >= 2:
-        ax.set_ylim(R.min(), R.max())
-    ax.set(xlabel="student steps", ylabel="retention (block parameters kept)",
-           title="Steps vs retention (Fig. 1); dashed: equal compute")
-    return ax.figure
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -532,36 +324,6 @@ def clips_with_average(clips: pd.DataFrame) -> pd.DataFrame:
         return clips
     cols = [c for c in clips.columns if c.startswith("vbench_")] or [c for c in WEIGHT_FREE if c in clips]
     return clips.assign(average=clips[cols].mean(axis=1))
-
-
-def plot_paired(table: pd.DataFrame, baseline, title: str, ax=None):
-    """Each row's paired difference in average to the baseline (a row label, or "best"), with its 95 % interval
-    written beside it, on an axis that shows differences of 0.01 (a table from `paired`). Green: above the
-    baseline, red: below, grey: the interval holds 0. Rows with no difference (nothing to pair) are left out."""
-    base = baseline_row(table, baseline)
-    t = table.drop(index=base).dropna(subset=["minus_baseline"]).sort_values("minus_baseline")
-    ax = ax or plt.subplots(figsize=(7, 0.45 * len(t) + 1.2))[1]
-    err = np.stack([t.minus_baseline - t.ci95_low, t.ci95_high - t.minus_baseline])
-    colors = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(t.ci95_low, t.ci95_high)]
-    # the numbers in the labels: on an axis that must also hold a collapse (-0.7), a 0.01 bar is a sliver
-    labels = [f"{n}\n{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for n, d, lo, hi in
-              zip(t.index, t.minus_baseline, t.ci95_low, t.ci95_high)]
-    ax.barh(labels, t.minus_baseline, xerr=err, color=colors, capsize=3)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.tick_params(axis="y", labelsize=8)
-    ax.set(title=title, xlabel=f"average minus {base} (95 % paired interval)")
-    return ax.figure
-
-
-def plot_sweep(table: pd.DataFrame, x: str, metrics: list[str], title: str, baseline="best", axes=None):
-    """A sweep's scores as bars per metric (left: the levels) and its paired differences in average to the
-    baseline (right: whether they are real; `plot_paired`). `axes`: two axes to draw into."""
-    if axes is None:
-        fig, axes = plt.subplots(1, 2, figsize=(13, 3.4), gridspec_kw=dict(width_ratios=[3, 2], wspace=0.45))
-    plot_table_bars(table.rename(index=str), x, metrics, title, ax=axes[0])
-    name = (lambda v: f"{x} {v}")  # "alpha 0.5": the paired panel has no legend to say what its rows are
-    plot_paired(table.rename(index=name), name(baseline_row(table, baseline)), "paired, against the best", ax=axes[1])
-    return axes[0].figure
 
 
 def choose_stage2(diagnosis: pd.DataFrame, fields: dict[str, dict], folder: str | Path, out: str | Path) -> dict:

@@ -103,8 +103,9 @@ def test_selection_comparison_table_is_reused_only_for_the_same_parameters(tiny_
     first = report.selection_comparison(bundle, by_block, [0.5], 4, [0.3], csv=csv)
     assert set(first.method) == {"oneshot", "iterative"} and csv.is_file()
     calls = []
-    real = report._selection_comparison
-    monkeypatch.setattr(report, "_selection_comparison", lambda *a: calls.append(a) or real(*a))
+    from flgcore import selection
+    real = selection._selection_comparison
+    monkeypatch.setattr(selection, "_selection_comparison", lambda *a: calls.append(a) or real(*a))
     again = report.selection_comparison(bundle, by_block, [0.5], 4, [0.3], csv=csv)
     assert calls == [] and list(again.eq3_error) == pytest.approx(list(first.eq3_error))
     report.selection_comparison(bundle, by_block, [0.75], 4, [0.3], csv=csv)  # another retention: recomputed
