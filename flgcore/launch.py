@@ -133,6 +133,27 @@ def _unfinished(work: Work) -> Work:
 
 # ----------------------------------------------------------------------------- local
 
+def work_size(work: Work) -> int:
+    """A work's length in samples passed through a model (training steps x batch, clips x sampling steps), enough to
+    order a pool's works longest first: a 4000-step run started last would run alone while the other processes idle."""
+    size = 0
+    for stage, fields in work:
+        cfg = _config(stage, fields)
+        if stage == "eval":
+            size += (getattr(cfg, "n", None) or 1) * (getattr(cfg, "steps", None) or 1)
+        else:
+            both = 2 if getattr(cfg, "views", "") == "both" else 1
+            size += both * (getattr(cfg, "steps", None) or 1) * (getattr(cfg, "batch_size", None) or 1)
+    return size
+
+
+def _share_threads(threads: int) -> None:
+    """A pool process's torch CPU threads: the parent's, shared among the processes (a stage's own `threads` key,
+    when set, still wins), so that N processes do not each start one thread per core."""
+    import torch
+    torch.set_num_threads(threads)
+
+
 @dataclass
 class Local:
     jobs: int = 1  # works at once, in as many spawned processes
@@ -143,7 +164,12 @@ class Local:
         if self.jobs > 1 and len(works) > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(min(self.jobs, len(works)), mp_context=multiprocessing.get_context("spawn")) as pool:
+
+            import torch
+            n = min(self.jobs, len(works))
+            works = sorted(works, key=work_size, reverse=True)  # the pool takes them in this order
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_share_threads,
+                                     initargs=(max(1, torch.get_num_threads() // n),)) as pool:
                 list(pool.map(report.run_work, works))
             return
         for w in works:

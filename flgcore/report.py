@@ -292,11 +292,11 @@ def best_value(table: pd.DataFrame | str | Path, key: str) -> float:
 
 
 def variants(stage: str, base: dict, named: dict[str, dict], out: str | Path, eval_fields: dict, baseline: str,
-             model_subdir: str = "model", launcher="local") -> pd.DataFrame:
+             model_subdir: str = "model", launcher="local", jobs: int = 1) -> pd.DataFrame:
     """Run `stage` once per named variant (`base` with the variant's fields, in out/<name>), evaluate what each
     made (eval_fields), and return their scores with each one's paired difference in `average` to `baseline`
     (`paired`). Each variant is reused when finished, like `run`; the unfinished ones go to the launcher at once,
-    like a sweep's values (with Slurm: one job each, submitted together)."""
+    like a sweep's values (locally `jobs` at a time; with Slurm: one job each, submitted together)."""
     from .launch import launcher as launcher_of
     if baseline not in named:
         raise FlgError(f"baseline {baseline!r} is not one of the variants {list(named)}")
@@ -307,7 +307,7 @@ def variants(stage: str, base: dict, named: dict[str, dict], out: str | Path, ev
         check_values(from_dict(_stage(stage)[0], fields))  # every variant checked before any runs
         works[name] = [(stage, fields), ("eval", dict(eval_fields, model=str(run_dir / model_subdir),
                                                       out=str(run_dir / "eval")))]
-    launcher_of(launcher).run(list(works.values()))
+    launcher_of(launcher, jobs).run(list(works.values()))
     results = {}
     for name, ((_, fields), (_, ev)) in works.items():  # now these only read the finished run folders
         run(stage, **fields)

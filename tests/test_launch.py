@@ -115,3 +115,33 @@ def test_flg_notebooks_run_exits_3_when_runs_are_pending(monkeypatch, capsys):
         cli.main(["notebooks", "run"])
     assert e.value.code == launch.PENDING_EXIT == 3
     assert "02_stage2_ablations: runs pending on Slurm" in capsys.readouterr().err
+
+
+def test_a_local_pool_takes_the_longest_works_first_and_shares_the_threads(tiny_bundle_dir, tmp_path, monkeypatch):
+    import concurrent.futures
+
+    import torch
+    seen = {}
+
+    class Pool:  # records what the launcher asks of the pool; runs nothing
+        def __init__(self, n, mp_context=None, initializer=None, initargs=()):
+            seen.update(n=n, initializer=initializer, initargs=initargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, works):
+            seen["order"] = [w[0][1]["out"] for w in works]
+            return []
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    s2 = dict(model=str(tiny_bundle_dir), drop=[1, 2], batch_size=2)
+    ev = dict(model=str(tiny_bundle_dir), n=4, steps=2)
+    works = [[("stage2", dict(s2, steps=400, out="short"))], [("eval", dict(ev, out="eval"))],
+             [("stage2", dict(s2, steps=4000, out="long"))], [("stage2", dict(s2, steps=400, views="both", out="both"))]]
+    launch.Local(jobs=2).run(works)
+    assert seen["order"] == ["long", "both", "short", "eval"]
+    assert seen["n"] == 2 and seen["initargs"] == (max(1, torch.get_num_threads() // 2),)
+    assert launch.work_size(works[0] + works[1]) == 400 * 2 + 4 * 2
