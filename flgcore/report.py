@@ -16,7 +16,7 @@ from .importance import scoring_bundle  # noqa: F401  (notebook 01 loads its mod
 from .explorer import explorer  # noqa: F401  (the layer-importance explorer, usable in any notebook)
 from .notebooks import at_repo_root, testbed_model  # noqa: F401  (at_repo_root: every notebook's first cell)
 from .config import FlgError
-from .runs import read_json, run_status, start_run, write_json
+from .runs import read_json, run_lock, run_status, start_run, write_json
 from .selection import (importance_tables, scoring_batches_for, selection_comparison, set_error,  # noqa: F401
                         skip_explorer)  # (notebook 01's block-importance analysis)
 from .plots import (baseline_row, plot_contour, plot_heatmap, plot_paired, plot_quality_vs_time,  # noqa: F401
@@ -87,11 +87,13 @@ def prepare(stage: str, fields: dict):
 
 
 def run_work(work: list[tuple[str, dict]]) -> None:
-    """Run each (stage, fields) of a work in this process, in order, unless finished (a local launcher's job)."""
+    """Run each (stage, fields) of a work in this process, in order, unless finished (a local launcher's job). A run
+    another process is working on is waited for (`runs.run_lock`), then taken as it finished."""
     for stage, fields in work:
-        cfg, status = prepare(stage, fields)
-        if status != "finished":
-            _stage(stage)[1](cfg)
+        with run_lock(from_dict(_stage(stage)[0], fields).out):
+            cfg, status = prepare(stage, fields)
+            if status != "finished":
+                _stage(stage)[1](cfg)
 
 
 def evaluated(reuse=(), launcher="local", **fields) -> dict:

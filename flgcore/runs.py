@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,24 @@ def run_status(cfg, run_dir: str | Path) -> str:
     if not (out / "inputs.json").is_file() or read_json(out / "inputs.json") != run_inputs(new):
         return "other"
     return "finished" if (out / "metrics.json").is_file() else "resumable"
+
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    """Held while this process works on `run_dir`: a second process that reaches the same folder (a notebook and a
+    script, two notebooks, two sweeps sharing a run) waits here for the first, then finds its run finished, rather than
+    training into the same folder at the same time. An flock on a hidden file beside the folder: the kernel releases
+    it when its holder exits, killed or not."""
+    import fcntl
+    out = Path(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{out}: another process is working on it; waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def start_run(cfg, run_dir: str | Path, main: bool = True) -> dict | None:

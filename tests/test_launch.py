@@ -145,3 +145,22 @@ def test_a_local_pool_takes_the_longest_works_first_and_shares_the_threads(tiny_
     assert seen["order"] == ["long", "both", "short", "eval"]
     assert seen["n"] == 2 and seen["initargs"] == (max(1, torch.get_num_threads() // 2),)
     assert launch.work_size(works[0] + works[1]) == 400 * 2 + 4 * 2
+
+
+def test_a_run_another_process_is_working_on_is_waited_for(tiny_bundle_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from flgcore.runs import run_lock
+    out = tmp_path / "s2"
+    work = [("stage2", dict(model=str(tiny_bundle_dir), drop=[1, 2], steps=2, batch_size=2, warmup=1, out=str(out)))]
+    code = f"from flgcore import report; report.run_work({work!r})"
+    with run_lock(out):  # as if another process were training into the folder
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        line = p.stdout.readline()  # the first thing it prints: it waits, and has written nothing
+        assert "another process is working on it; waiting" in line and not out.exists()
+        time.sleep(1)
+        assert p.poll() is None and not out.exists()
+    assert p.wait(timeout=120) == 0
+    assert (out / "metrics.json").is_file()
