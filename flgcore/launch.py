@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -213,7 +215,15 @@ def resources(cfg: SlurmLauncher, distributed: bool) -> dict:
         p["cpus_per_task"] = cfg.cpus_per_task
     if cfg.mem_gb:
         p["mem_gb"] = cfg.mem_gb
+    if distributed:  # one failed task ends the job, rather than leaving its peers waiting for it until the timeout
+        p["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     return p
+
+
+def master_port(job_id: str) -> int:
+    """The port of a distributed job's rendezvous, the same in all its tasks without a word between them: from the
+    job's id, below Linux's ephemeral range (32768-60999), where no outgoing connection of the node can hold it."""
+    return 20000 + zlib.crc32(str(job_id).encode()) % 12000
 
 
 def read_job(run_dir: str | Path) -> dict | None:
@@ -241,6 +251,7 @@ class StageJob:
         for stage, fields in work:
             cfg, distributed = _config(stage, fields), _distributed(stage, fields)
             if distributed:  # torch.distributed from Slurm's tasks, before the stage's own zero.init
+                os.environ.setdefault("MASTER_PORT", str(master_port(env.job_id)))  # a `setup` line may choose it
                 submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
             elif rank != 0:
                 continue  # a run on one process: the first task's
@@ -320,6 +331,7 @@ class Slurm:
     def _wait(self, tracked) -> None:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(tracked), desc=f"slurm ({len(tracked)} runs)", unit="run", dynamic_ncols=True)
+        live = sys.stderr.isatty() or hasattr(bar, "container")  # a terminal or a notebook widget: redrawn in place
         try:
             while True:
                 tracked[0][1].watcher.update()  # one sacct call for every job
@@ -331,8 +343,11 @@ class Slurm:
                     info = read_job(home) or {}
                     if state != "UNKNOWN" and info.get("state") != state or nodes and not info.get("nodes"):
                         _write_job(home, dict(info, state=state, nodes=info.get("nodes") or nodes))
-                bar.n = sum(job.done() for _, job, _ in tracked)
-                bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+                done, postfix = sum(job.done() for _, job, _ in tracked), ", ".join(
+                    f"{k} {v}" for k, v in sorted(counts.items()))
+                if live or done != bar.n or postfix != bar.postfix:  # a log file: a line per change, not per poll
+                    bar.n = done
+                    bar.set_postfix_str(postfix)
                 if bar.n == len(tracked):
                     break
                 time.sleep(self.cfg.poll)

@@ -38,11 +38,20 @@ def test_a_job_asks_for_all_gpus_only_for_a_distributed_run():
                         setup=["module load cuda"])
     zero = launch.resources(cfg, distributed=True)
     assert zero == dict(timeout_min=60, nodes=2, gpus_per_node=8, tasks_per_node=8, slurm_setup=["module load cuda"],
-                        slurm_partition="h100", slurm_qos="high", cpus_per_task=12, mem_gb=500)
+                        slurm_partition="h100", slurm_qos="high", cpus_per_task=12, mem_gb=500,
+                        slurm_srun_args=["--kill-on-bad-exit=1"])
     one = launch.resources(cfg, distributed=False)
     assert (one["nodes"], one["gpus_per_node"], one["tasks_per_node"]) == (1, 1, 1)
     assert launch.resources(SlurmLauncher(), False)["gpus_per_node"] == 0  # a CPU job
     assert "slurm_account" not in one  # Slurm's default, not an empty --account
+
+
+def test_a_jobs_rendezvous_port_is_its_own_and_outside_the_ephemeral_range():
+    ports = [launch.master_port(j) for j in ("10", "11", "12_0", "12_1", "987654")]
+    assert ports == [launch.master_port(j) for j in ("10", "11", "12_0", "12_1", "987654")]  # every task agrees
+    low = 32768  # the start of Linux's default ip_local_port_range (to 60999), where outgoing connections take ports
+    assert all(1024 <= p < low for p in ports) and len(set(ports)) == len(ports)
+    assert "slurm_srun_args" not in launch.resources(SlurmLauncher(), distributed=False)
 
 
 def test_the_error_line_of_a_job_log(tmp_path):

@@ -262,6 +262,24 @@ def test_a_zero_run_is_one_job_with_a_process_per_gpu(slurm, tiny_bundle_dir, tm
     assert len(tasks) == 2  # one result per task: both ranks ran the stage
 
 
+def test_a_zero_job_whose_rendezvous_fails_ends_at_once(slurm, tiny_bundle_dir, tmp_path):
+    """The first task cannot listen on the job's port: the job fails with that error in a minute or two, rather than
+    its second task waiting for the first one until the job's time limit."""
+    pytest.importorskip("deepspeed")
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        yaml = launcher_yaml(tmp_path / "slurm.yaml", gpus_per_node=2, setup=[f"export MASTER_PORT={port}"])
+        start = time.monotonic()
+        with pytest.raises(FlgError, match="address already in use"):
+            report.run("stage2", launcher=yaml, out=str(tmp_path / "two"),
+                       **dict(stage2_fields(tiny_bundle_dir), steps=3, batch_size=4, zero=True))
+    assert time.monotonic() - start < 240
+    assert read_job(tmp_path / "two")["state"] == "FAILED"
+
+
 def test_notebook_03_on_a_real_pipeline_with_the_slurm_launcher_gives_the_local_tables(slurm, tmp_path, monkeypatch):
     """Notebook 03 on a tiny Wan 2.1 I2V pipeline from its latent cache: every Stage III run and every evaluation
     (through the stock pipeline) a Slurm job, and the same tables as the local launcher."""
