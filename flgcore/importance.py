@@ -318,8 +318,8 @@ def plot_importance(summary: pd.DataFrame, path: Path, title: str = "Block impor
     if summary.group.nunique() > 1:
         ax.legend()
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(path.with_suffix(f".{ext}"), dpi=150)
+    for ext in ("png", "pdf"):  # no creation date in the PDF: the same runs give the same file
+        fig.savefig(path.with_suffix(f".{ext}"), dpi=150, metadata={"CreationDate": None} if ext == "pdf" else None)
 
 
 def run_stage1(cfg: Stage1Config) -> dict:

@@ -28,7 +28,8 @@ def save_figure(fig, name: str, run_dir: str | Path, figures: str | Path | None 
         Path(d).mkdir(parents=True, exist_ok=True)
         for ext in ("png", "pdf"):
             paths.append(Path(d) / f"{name}.{ext}")
-            fig.savefig(paths[-1], dpi=150, bbox_inches="tight")
+            fig.savefig(paths[-1], dpi=150, bbox_inches="tight",
+                        metadata={"CreationDate": None} if ext == "pdf" else None)  # the same runs, the same file
     return paths
 
 

@@ -135,6 +135,10 @@ def test_paired_differences_are_against_the_baseline_row_on_the_same_seeds(tmp_p
     fig = report.plot_paired(t, "best", "t")  # the rows that pair, with their numbers written beside the bars
     assert [x.get_text() for x in fig.axes[0].get_yticklabels()] == ["c\n-0.250 [-0.250, -0.250]",
                                                                      "a\n-0.050 [-0.050, -0.050]"]
+    # the same figure saved again is the same file: no creation date in the PDF
+    first, again = report.save_figure(fig, "f", tmp_path / "1"), report.save_figure(fig, "f", tmp_path / "2")
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    assert b"/CreationDate" not in first[1].read_bytes() and first[1].suffix == ".pdf"
 
 
 def test_a_sweep_in_parallel_processes_gives_the_same_table(tiny_bundle_dir, tmp_path, monkeypatch):
