@@ -343,8 +343,8 @@ class Slurm:
                     info = read_job(home) or {}
                     if state != "UNKNOWN" and info.get("state") != state or nodes and not info.get("nodes"):
                         _write_job(home, dict(info, state=state, nodes=info.get("nodes") or nodes))
-                done, postfix = sum(job.done() for _, job, _ in tracked), ", ".join(
-                    f"{k} {v}" for k, v in sorted(counts.items()))
+                done = sum(job.done() for _, job, _ in tracked)
+                postfix = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                 if live or done != bar.n or postfix != bar.postfix:  # a log file: a line per change, not per poll
                     bar.n = done
                     bar.set_postfix_str(postfix)
