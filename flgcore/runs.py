@@ -120,8 +120,8 @@ def run_status(cfg, run_dir: str | Path) -> str:
     - "foreign": a folder with other content and no config.yaml (not a run folder);
     - "finished": a finished run of this config from these inputs;
     - "resumable": the same, unfinished (it resumes from its newest checkpoint);
-    - "other": a run of another config or from other input weights. Keys absent from an older config.yaml,
-      and RUNTIME_FIELDS, are not compared.
+    - "other": a run of another config or from other input weights, or of another stage (its config.yaml has
+      keys that `cfg` lacks). Keys absent from an older config.yaml, and RUNTIME_FIELDS, are not compared.
     """
     import yaml
     from .config import to_dict
@@ -135,6 +135,8 @@ def run_status(cfg, run_dir: str | Path) -> str:
         return "new"
     old = yaml.safe_load((out / "config.yaml").read_text()) or {}
     new = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # the same round trip the saved one took
+    if old.keys() - new.keys():  # another stage's run: a Stage I folder shares model, data, batch_size, seed...
+        return "other"
     if any(k in old and k not in RUNTIME_FIELDS and old[k] != v for k, v in new.items()):
         return "other"
     if not (out / "inputs.json").is_file() or read_json(out / "inputs.json") != run_inputs(new):

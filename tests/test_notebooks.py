@@ -179,3 +179,15 @@ def test_a_sweep_reuses_a_finished_run_of_the_same_config(tiny_bundle_dir, tmp_p
     assert trained[0][1] == str(tmp_path / "drop_mode_per_block")
     assert modes.loc["whole_set"].equals(alphas.loc[0.5])
     assert report.finished_twin("stage2", dict(base, alpha=1.0), [tmp_path / "alpha_0.5"]) is None
+
+
+def test_a_finished_run_of_another_stage_is_no_twin(tiny_bundle_dir, tmp_path):
+    """A Stage I folder shares model, data, batch_size and seed with a Stage II config: it must not pass for
+    a finished Stage II run of it (a notebook would then take Stage I's folder as its Stage-II model)."""
+    from flgcore import report
+    from flgcore.runs import run_status
+    s1 = tmp_path / "stage1"
+    report.run("stage1", model=str(tiny_bundle_dir), n=2, batch_size=2, sigmas=[0.5], retention=0.5, out=str(s1))
+    s2 = dict(model=str(tiny_bundle_dir), drop=[1, 2], steps=2, batch_size=2, seed=0, out=str(tmp_path / "s2"))
+    assert report.finished_twin("stage2", s2, [s1]) is None
+    assert run_status(Stage2Config(**dict(s2, out=str(s1))), s1) == "other"
