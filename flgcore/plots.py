@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 from .config import FlgError
 
@@ -121,6 +122,7 @@ def plot_paired(table: pd.DataFrame, baseline, title: str, ax=None):
               zip(t.index, t.minus_baseline, t.ci95_low, t.ci95_high)]
     ax.barh(labels, t.minus_baseline, xerr=err, color=colors, capsize=3)
     ax.axvline(0, color="black", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # matplotlib's default crowds a narrow panel's tick labels
     ax.tick_params(axis="y", labelsize=8)
     ax.set(title=title, xlabel=f"average minus {base} (95 % paired interval)")
     return ax.figure

@@ -141,6 +141,21 @@ def test_paired_differences_are_against_the_baseline_row_on_the_same_seeds(tmp_p
     assert b"/CreationDate" not in first[1].read_bytes() and first[1].suffix == ".pdf"
 
 
+def test_a_narrow_paired_panel_keeps_its_tick_labels_apart():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from flgcore import report
+    # notebook 05's layout: differences from -0.17 to +0.03 beside a quality-vs-time plot
+    t = pd.DataFrame({"minus_baseline": [0.0, 0.022, -0.164, -0.098], "ci95_low": [0.0, 0.017, -0.171, -0.104],
+                      "ci95_high": [0.0, 0.027, -0.157, -0.092]}, index=["teacher", "dmd2", "pruned", "flg"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.6), gridspec_kw=dict(wspace=0.6))
+    report.plot_paired(t, "teacher", "t", ax=axes[1])
+    fig.canvas.draw()
+    boxes = [x.get_window_extent() for x in axes[1].get_xticklabels() if x.get_text()]
+    assert len(boxes) >= 3 and all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+    plt.close(fig)
+
+
 def test_a_sweep_in_parallel_processes_gives_the_same_table(tiny_bundle_dir, tmp_path, monkeypatch):
     import pandas as pd
     from flgcore import report
